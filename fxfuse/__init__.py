@@ -1,0 +1,26 @@
+"""fxfuse: fuse sibling linears (q/k/v, gate/up, ...) into one GEMM.
+
+The one public call is `fuse_linears(gm, config)`; `backend` (the
+``torch.compile(backend="fxfuse")`` compiler) wraps it. Importing fxfuse has
+no side effects: the backend is found through the ``torch_dynamo_backends``
+entry point, and nothing is registered or configured at import.
+"""
+
+from .backend import Backend, backend
+from .config import FuseConfig
+from .fuse import fuse_linears
+from .legality import Reason
+from .match import Group
+from .report import FusedGroup, FuseReport
+
+__all__ = [
+    "Backend",
+    "FuseConfig",
+    "FuseReport",
+    "FusedGroup",
+    "Group",
+    "Reason",
+    "backend",
+    "fuse_linears",
+]
+__version__ = "0.1.0"

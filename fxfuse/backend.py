@@ -1,0 +1,114 @@
+"""The ``fxfuse`` torch.compile backend: fuse sibling linears, then hand the
+graph to an inner compiler (Inductor by default).
+
+    torch.compile(model, backend="fxfuse")                      # no import needed
+    torch.compile(model, backend="fxfuse", options={"inner": "eager"})
+    be = fxfuse.backend(inner="inductor"); torch.compile(model, backend=be)
+    be.report.removed                                           # linear calls removed
+
+The string form is found through the ``torch_dynamo_backends`` entry point
+(see pyproject.toml), which calls `compile_fxfuse`. A failure inside the pass
+never breaks the user's compile: it is logged and the untouched graph is
+compiled, unless ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import fx
+
+from .config import FuseConfig
+from .fuse import _fuse
+from .match import count_linears
+from .report import FuseReport
+
+__all__ = ["Backend", "backend", "compile_fxfuse"]
+
+log = logging.getLogger(__name__)
+
+Compiler = Callable[[fx.GraphModule, list], Callable]
+
+
+def _resolve_inner(inner: Union[str, Compiler], mode: Optional[str], inner_options: Optional[dict]) -> Compiler:
+    if callable(inner):
+        if mode or inner_options:
+            raise ValueError("mode and inner_options apply to a named inner backend, not a callable")
+        return inner
+    if not isinstance(inner, str):
+        raise TypeError(f"inner must be a backend name or a callable, got {type(inner).__name__}")
+    if inner == "fxfuse":
+        raise ValueError("inner='fxfuse' would fuse twice; name the compiler to run after fusion")
+    if inner == "inductor":
+        # The same object torch.compile builds for backend="inductor": it turns
+        # `mode` into Inductor config and validates `inner_options`.
+        return torch._TorchCompileInductorWrapper(mode, inner_options, None)
+    from torch._dynamo.backends.registry import lookup_backend
+
+    fn = lookup_backend(inner)
+    kwargs: dict[str, Any] = {}
+    if mode:
+        kwargs["mode"] = mode
+    if inner_options:
+        kwargs["options"] = inner_options
+    return lambda gm, example_inputs: fn(gm, example_inputs, **kwargs)
+
+
+class Backend:
+    """A configured fxfuse backend; `report` sums every graph it compiled."""
+
+    def __init__(
+        self,
+        inner: Union[str, Compiler] = "inductor",
+        mode: Optional[str] = None,
+        inner_options: Optional[dict] = None,
+        **options: Any,
+    ) -> None:
+        self.config = FuseConfig.from_options(options)
+        self.inner = inner
+        self._inner = _resolve_inner(inner, mode, inner_options)
+        self.report = FuseReport()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+        if kwargs:
+            raise TypeError(
+                f"unexpected arguments {sorted(kwargs)}: pass options to fxfuse.backend(...) instead"
+            )
+        report = self.fuse(gm)
+        self.report.merge(report)
+        return self._inner(gm, example_inputs)
+
+    def fuse(self, gm: fx.GraphModule) -> FuseReport:
+        try:
+            report = _fuse(gm, self.config)
+        except Exception as e:  # noqa: BLE001 - the user's compile must go on
+            if self.config.strict:
+                raise
+            log.warning("fxfuse: pass failed, compiling the graph unchanged: %r", e)
+            n = count_linears(gm)
+            report = FuseReport(before=n, after=n, graphs=1, errors=[repr(e)])
+        report.publish()
+        log.info("%s", report.summary())
+        return report
+
+
+def backend(**options: Any) -> Backend:
+    """A configured backend for ``torch.compile(model, backend=fxfuse.backend(...))``.
+
+    Options: ``inner`` (a backend name or callable, default "inductor"),
+    ``mode`` and ``inner_options`` (passed to a named inner backend), and the
+    fields of `FuseConfig` (``min_group_size``, ``strict``, ...).
+    """
+    return Backend(**options)
+
+
+def compile_fxfuse(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    mode: Optional[str] = None,
+    options: Optional[dict] = None,
+) -> Callable:
+    """Entry point of ``backend="fxfuse"``; torch.compile passes mode/options."""
+    return Backend(mode=mode, **(options or {}))(gm, example_inputs)

@@ -1,0 +1,71 @@
+"""`FuseConfig`: the options of `fuse_linears`, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from .match import Group
+
+__all__ = ["FuseConfig", "WEIGHT_MODES"]
+
+# How the fused weight reaches the GEMM:
+#   "cat":     a torch.cat of the member weights inside the graph (differentiable,
+#              works everywhere, but re-copies the weights on every call);
+#   "storage": the member weights are moved once into one storage and the
+#              compiled graph reads it directly (the backend's inference path);
+#   "auto":    "storage" where the backend can prove it safe, else "cat".
+WEIGHT_MODES = ("auto", "cat", "storage")
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    """Options of `fuse_linears` and of the `fxfuse` backend.
+
+    min_group_size: the fewest siblings worth one fused GEMM (2: any pair pays,
+        since it saves one launch and one read of the shared input).
+    max_group_size: split larger sibling sets into chunks of at most this many
+        (None: no cap; one GEMM for the whole set is the point).
+    should_fuse: called with each `Group` that passed every built-in check;
+        return False to leave it alone (reason "vetoed").
+    strict: re-raise errors inside the pass instead of compiling the graph
+        unchanged.
+    weights: see WEIGHT_MODES.
+    training: fuse groups whose weights need gradients ("cat" mode only). Off by
+        default: see docs/design.md for the measurement behind that choice.
+    """
+
+    min_group_size: int = 2
+    max_group_size: Optional[int] = None
+    should_fuse: Optional[Callable[["Group"], bool]] = None
+    strict: bool = False
+    weights: str = "auto"
+    training: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_group_size, int) or self.min_group_size < 2:
+            raise ValueError(f"min_group_size must be an int >= 2, got {self.min_group_size!r}")
+        if self.max_group_size is not None and (
+            not isinstance(self.max_group_size, int) or self.max_group_size < self.min_group_size
+        ):
+            raise ValueError(
+                f"max_group_size must be None or an int >= min_group_size "
+                f"({self.min_group_size}), got {self.max_group_size!r}"
+            )
+        if self.should_fuse is not None and not callable(self.should_fuse):
+            raise TypeError(f"should_fuse must be callable, got {type(self.should_fuse).__name__}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {self.weights!r}")
+        for name in ("strict", "training"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "FuseConfig":
+        """Build from a dict, naming any unknown key (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown fxfuse option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**options)

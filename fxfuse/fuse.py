@@ -1,0 +1,180 @@
+"""Fuse sibling linears: the linear calls that read the same input become one
+GEMM over their concatenated weights, followed by a split.
+
+    q = linear(x, wq, bq)                 w  = cat([wq, wk, wv])
+    k = linear(x, wk)             ==>     b  = cat([bq, zeros(nk), zeros(nv)])
+    v = linear(x, wv)                     qkv = linear(x, w, b)
+                                          q, k, v = split(qkv, [nq, nk, nv], -1)
+
+Preconditions (each refusal is counted under its `Reason`):
+  * the members read the same input node and have plain 2-D weights of one
+    dtype, device and in_features, with static shapes; biases, if any, match;
+  * no member depends on another member (a weight may be computed in the graph,
+    but not from a sibling's output);
+  * nothing writes in place to the input, a weight, a bias, or memory they may
+    alias, between the fused GEMM's position and any member's;
+  * a position exists after every operand and before any member's first user.
+
+When it does not pay: the fused output keeps every member's result alive
+until the split pieces die, so peak activation memory can grow by the other
+members' outputs; and with ``weights="cat"`` the weights are re-copied on
+every call, which at small batch costs more than the saved launches (the
+backend's "storage" mode removes that copy, see weights.py).
+
+Analysis (match + legality) runs on the untouched graph; the rewrite runs
+after, and old nodes are erased only at the end. If the rewrite fails, the
+graph is put back as it was and the error is reported, unless ``strict``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Callable, Optional
+
+from torch import fx
+
+from . import legality
+from .config import FuseConfig
+from .legality import Reason
+from .match import Group, Linear, find_linears, siblings, value_of
+from .report import FusedGroup, FuseReport
+from .rewrite import fuse_group
+
+__all__ = ["fuse_linears", "plan"]
+
+log = logging.getLogger(__name__)
+
+# Given a group about to be rewritten, return the nodes of its fused weight and
+# bias (already in the graph), or None to concatenate in the graph.
+WeightSource = Callable[[fx.GraphModule, Group], Optional[tuple[fx.Node, Optional[fx.Node]]]]
+
+
+def _buckets(gm: fx.GraphModule, sibs: list[Linear]) -> list[list[Linear]]:
+    """Split siblings into sets that can share a GEMM (same dtype, device, K)."""
+    buckets: list[list[Linear]] = []
+    for lin in sibs:
+        for b in buckets:
+            if legality.incompatibility(gm, b[0], lin) is None:
+                b.append(lin)
+                break
+        else:
+            buckets.append([lin])
+    return buckets
+
+
+def plan(gm: fx.GraphModule, config: FuseConfig) -> tuple[list[tuple[Group, fx.Node]], Counter, int]:
+    """Find the groups to fuse and where each goes. Does not touch the graph.
+
+    Returns (groups with their insertion anchors, skipped calls by reason,
+    number of linear calls).
+    """
+    linears = find_linears(gm)
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    skipped: Counter = Counter()
+    accepted: list[tuple[Group, fx.Node]] = []
+
+    def refuse(members: list[Linear], reason: Reason) -> None:
+        skipped[reason.value] += len(members)
+        log.debug("not fusing %s: %s", [m.name for m in members], reason.value)
+
+    for sibs in siblings(linears):
+        ok = []
+        for lin in sibs:
+            reason = legality.check_member(gm, lin, allow_grad=config.training)
+            if reason is None:
+                ok.append(lin)
+            else:
+                refuse([lin], reason)
+        buckets = _buckets(gm, ok)
+        largest = max(buckets, key=len, default=[])
+        for bucket in buckets:
+            cap = config.max_group_size or len(bucket)
+            for start in range(0, len(bucket), cap):
+                members = bucket[start : start + cap]
+                if len(members) < config.min_group_size:
+                    why = legality.incompatibility(gm, largest[0], members[0]) if members[0] not in largest else None
+                    refuse(members, why or Reason.BELOW_MIN_GROUP_SIZE)
+                    continue
+                anchor = legality.insertion_point(members, order, nodes)
+                if anchor is None:
+                    refuse(members, Reason.NO_LEGAL_POSITION)
+                    continue
+                reason = legality.check_group(gm, members, anchor, order, nodes)
+                if reason is not None:
+                    refuse(members, reason)
+                    continue
+                widths = [int(value_of(gm, m.weight).shape[0]) for m in members]  # type: ignore[union-attr]
+                group = Group(members[0].input, members, widths)
+                if config.should_fuse is not None and not config.should_fuse(group):
+                    refuse(members, Reason.VETOED)
+                    continue
+                accepted.append((group, anchor))
+    return accepted, skipped, len(linears)
+
+
+def _fuse(gm: fx.GraphModule, config: FuseConfig, weight_source: Optional[WeightSource] = None) -> FuseReport:
+    groups, skipped, before = plan(gm, config)
+    report = FuseReport(before=before, after=before, skipped=skipped, graphs=1)
+    if not groups:
+        return report
+    graph = gm.graph
+    existing = set(graph.nodes)
+    rerouted: list[tuple[fx.Node, fx.Node]] = []  # (member, replacement) for undo
+    fused_groups: list[FusedGroup] = []
+    try:
+        for group, anchor in groups:
+            given = weight_source(gm, group) if weight_source is not None else None
+            _, pairs = fuse_group(gm, group, anchor, *(given or (None, None)))
+            rerouted += pairs
+            fused_groups.append(FusedGroup(
+                tuple(group.names), tuple(group.widths),
+                tuple(m.bias is not None for m in group.members),
+                "storage" if given else "cat",
+            ))
+        graph.lint()
+        for member, _ in reversed(rerouted):
+            graph.erase_node(member)
+        gm.recompile()
+    except Exception as e:  # noqa: BLE001 - any failure must leave the graph intact
+        _undo(gm, existing, rerouted)
+        if config.strict:
+            raise
+        log.warning("fxfuse: rewrite failed, graph left unchanged: %r", e)
+        report.errors.append(repr(e))
+        report.skipped[Reason.ERROR.value] += sum(len(g.members) for g, _ in groups)
+        return report
+    report.groups = fused_groups
+    report.after = len(find_linears(gm))
+    return report
+
+
+def _undo(gm: fx.GraphModule, existing: set[fx.Node], rerouted: list[tuple[fx.Node, fx.Node]]) -> None:
+    """Put the graph back: users return to the old members, new nodes go."""
+    graph = gm.graph
+    for member, piece in reversed(rerouted):
+        piece.replace_all_uses_with(member)
+    for node in reversed(list(graph.nodes)):
+        if node not in existing:
+            graph.erase_node(node)
+    gm.recompile()
+
+
+def fuse_linears(gm: fx.GraphModule, config: Optional[FuseConfig] = None) -> FuseReport:
+    """Fuse sibling linear calls of `gm` in place and report what was done.
+
+    >>> import torch, fxfuse
+    >>> class QKV(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.q, self.k, self.v = (torch.nn.Linear(8, n) for n in (8, 4, 4))
+    ...     def forward(self, x):
+    ...         return self.q(x), self.k(x), self.v(x)
+    >>> gm = torch.fx.symbolic_trace(QKV())
+    >>> fxfuse.fuse_linears(gm).removed
+    2
+    """
+    report = _fuse(gm, config or FuseConfig())
+    report.publish()
+    return report

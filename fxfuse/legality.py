@@ -1,0 +1,233 @@
+"""When siblings may be fused: one predicate per reason, each returning a
+`Reason` (refused) or None (fine). Cheap attribute checks come first and the
+graph walks last, since the walks cost the most.
+
+Anything these predicates cannot prove safe is refused: a refusal costs one
+GEMM launch, a wrong fusion costs a wrong answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from typing import Iterable, Optional
+
+import torch
+from torch import fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from .match import Linear, Operand, value_of
+
+__all__ = ["Reason", "check_member", "incompatibility", "check_group", "insertion_point"]
+
+
+class Reason(str, enum.Enum):
+    """Why linear calls were left alone. The value is the name in reports."""
+
+    UNKNOWN_WEIGHT = "unknown_weight"  # no tensor value in the node's meta
+    TENSOR_SUBCLASS = "tensor_subclass_weight"
+    WEIGHT_NOT_2D = "weight_not_2d"
+    SYMBOLIC_SHAPE = "symbolic_weight_shape"
+    BAD_BIAS = "bias_shape_or_dtype"
+    DTYPE_MISMATCH = "dtype_mismatch"
+    DEVICE_MISMATCH = "device_mismatch"
+    IN_FEATURES_MISMATCH = "in_features_mismatch"
+    NEEDS_GRAD = "weights_need_grad"
+    BELOW_MIN_GROUP_SIZE = "below_min_group_size"
+    MEMBER_DEPENDS_ON_MEMBER = "member_depends_on_member"
+    MUTATION_BETWEEN_MEMBERS = "mutation_between_members"
+    NO_LEGAL_POSITION = "no_legal_position"
+    VETOED = "vetoed_by_should_fuse"
+    ERROR = "error_in_pass"
+
+
+def _is_plain(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and not is_traceable_wrapper_subclass(t)
+
+
+def _is_static(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool)
+
+
+def check_member(gm: fx.GraphModule, lin: Linear, allow_grad: bool) -> Optional[Reason]:
+    """Can this linear's weight and bias take part in a fused GEMM at all?"""
+    w = value_of(gm, lin.weight)
+    if not isinstance(w, torch.Tensor):
+        return Reason.UNKNOWN_WEIGHT
+    if not _is_plain(w):
+        return Reason.TENSOR_SUBCLASS
+    if w.dim() != 2:
+        return Reason.WEIGHT_NOT_2D
+    if not all(_is_static(s) for s in w.shape):
+        return Reason.SYMBOLIC_SHAPE
+    if lin.bias is not None:
+        b = value_of(gm, lin.bias)
+        if not isinstance(b, torch.Tensor):
+            return Reason.UNKNOWN_WEIGHT
+        if not _is_plain(b):
+            return Reason.TENSOR_SUBCLASS
+        if tuple(b.shape) != (w.shape[0],) or b.dtype != w.dtype or b.device != w.device:
+            return Reason.BAD_BIAS
+    if not allow_grad and torch.is_grad_enabled():
+        if w.requires_grad or (lin.bias is not None and value_of(gm, lin.bias).requires_grad):
+            return Reason.NEEDS_GRAD
+    return None
+
+
+def incompatibility(gm: fx.GraphModule, a: Linear, b: Linear) -> Optional[Reason]:
+    """Why `b` cannot share a GEMM with `a` (both passed `check_member`)."""
+    wa, wb = value_of(gm, a.weight), value_of(gm, b.weight)
+    assert isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor)
+    if wa.dtype != wb.dtype:
+        return Reason.DTYPE_MISMATCH
+    if wa.device != wb.device:
+        return Reason.DEVICE_MISMATCH
+    if wa.shape[1] != wb.shape[1]:
+        return Reason.IN_FEATURES_MISMATCH
+    return None
+
+
+# ---------------------------------------------------------------- graph walks
+
+# call_function targets whose result may share memory with their first input.
+_VIEW_FUNCTIONS = {
+    operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.t,
+    torch.squeeze, torch.unsqueeze, torch.flatten, torch.narrow, torch.select,
+    torch.split, torch.chunk, torch.unbind, torch.movedim, torch.swapaxes,
+    torch.diagonal, torch.as_strided, torch.view_as_real, torch.view_as_complex,
+    torch.detach, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous,
+    torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.expand, torch.Tensor.__getitem__,
+}
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+    operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
+}
+
+
+def _is_builtin_pure_module(mod: torch.nn.Module) -> bool:
+    return type(mod).__module__.startswith("torch.nn.") and not getattr(mod, "inplace", False)
+
+
+def _view_parent(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
+    """The node whose memory `node` may alias, if any."""
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if first is None:
+        return None
+    if node.op == "call_method":
+        return first  # tensor methods (.view, .to, .contiguous, ...) may return self
+    if node.op == "call_module":
+        return first  # a module may return its input (nn.Identity, dropout in eval)
+    if node.op == "call_function":
+        t = node.target
+        if t in _VIEW_FUNCTIONS:
+            return first
+        if isinstance(t, torch._ops.OpOverload) and any(
+            r.alias_info is not None for r in t._schema.returns
+        ):
+            return first
+    return None
+
+
+def _alias_chain(gm: fx.GraphModule, node: fx.Node) -> set[fx.Node]:
+    chain = {node}
+    while (parent := _view_parent(gm, node)) is not None and parent not in chain:
+        chain.add(parent)
+        node = parent
+    return chain
+
+
+def mutated_args(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The nodes `node` may write to in place (conservative)."""
+    inputs = node.all_input_nodes
+    if node.op == "call_method":
+        name = str(node.target)
+        if (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__iadd__"):
+            return inputs[:1]
+        return []
+    if node.op == "call_module":
+        return [] if _is_builtin_pure_module(gm.get_submodule(str(node.target))) else inputs
+    if node.op != "call_function":
+        return []
+    t = node.target
+    if node.kwargs.get("inplace") is True or t in _INPLACE_OPERATORS:
+        return inputs[:1]
+    if isinstance(node.kwargs.get("out"), fx.Node):
+        return [node.kwargs["out"]]  # type: ignore[list-item]
+    if isinstance(t, torch._ops.HigherOrderOperator):
+        return inputs  # may run any code on its operands
+    if isinstance(t, torch._ops.OpOverload):
+        written = [
+            a for a, s in zip(node.args, t._schema.arguments)
+            if isinstance(a, fx.Node) and s.alias_info is not None and s.alias_info.is_write
+        ]
+        return written
+    name = getattr(t, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return inputs[:1]
+    return []
+
+
+def _ancestors_within(nodes: Iterable[fx.Node], floor: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Every node the given nodes depend on, down to graph position `floor`."""
+    seen: set[fx.Node] = set()
+    stack = [n for n in nodes if order[n] >= floor]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(a for a in n.all_input_nodes if order[a] >= floor)
+    return seen
+
+
+def _nodes(ops: Iterable[Operand]) -> list[fx.Node]:
+    return [o for o in ops if isinstance(o, fx.Node)]
+
+
+def insertion_point(members: list[Linear], order: dict[fx.Node, int], nodes: list[fx.Node]) -> Optional[fx.Node]:
+    """Where the fused GEMM goes: after every operand, before any member's first user.
+
+    Returns the node to insert before, or None when no such place exists.
+    """
+    first = min(order[m.node] for m in members)
+    operands = _nodes(o for m in members for o in m.operands)
+    latest = max((order[o] for o in operands), default=-1)
+    at = max(first, latest + 1)
+    first_use = min((order[u] for m in members for u in m.node.users), default=len(nodes))
+    return nodes[at] if at <= first_use and at < len(nodes) else None
+
+
+def check_group(
+    gm: fx.GraphModule,
+    members: list[Linear],
+    anchor: fx.Node,
+    order: dict[fx.Node, int],
+    nodes: list[fx.Node],
+) -> Optional[Reason]:
+    """Is it safe to compute all members at `anchor` instead of where they are?"""
+    member_nodes = {m.node for m in members}
+    first = min(order[n] for n in member_nodes)
+    # No member may (transitively) feed another member's weight or bias.
+    ancestors = _ancestors_within(_nodes(o for m in members for o in m.operands), first, order)
+    if ancestors & member_nodes:
+        return Reason.MEMBER_DEPENDS_ON_MEMBER
+    # Every member now reads its operands at `anchor`: nothing that may write
+    # to them (or to memory they alias) may run between `anchor` and any member.
+    lo = min(first, order[anchor])
+    hi = max(max(order[n] for n in member_nodes), order[anchor])
+    operands = [members[0].input] + [o for m in members for o in m.operands]
+    watched: set[fx.Node] = set()
+    for o in _nodes(operands):
+        watched |= _alias_chain(gm, o)
+    # A module weight (call_module form) is written through a get_attr of it.
+    attrs = {o for o in operands if isinstance(o, str)}
+    if attrs:
+        watched |= {n for n in nodes if n.op == "get_attr" and n.target in attrs}
+    for node in nodes[lo : hi + 1]:
+        if node in member_nodes:
+            continue
+        for target in mutated_args(gm, node):
+            if _alias_chain(gm, target) & watched:
+                return Reason.MUTATION_BETWEEN_MEMBERS
+    return None

@@ -1,0 +1,131 @@
+"""Find linear calls and group the siblings that read the same input.
+
+Nothing here mutates the graph. A linear call is any of
+
+    torch._C._nn.linear(x, w, b)      # F.linear; Dynamo graphs (w a placeholder)
+    call_module[nn.Linear](x)         # symbolic_trace graphs (w a module attribute)
+
+Siblings are linear calls whose input is the same node. They are returned per
+input, in graph order, so the pass is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import fx
+
+__all__ = ["Linear", "Group", "Operand", "find_linears", "count_linears", "siblings", "value_of"]
+
+# A weight or bias: a graph node, or the qualified name of a module attribute
+# (the weight of a call_module nn.Linear is not a node of the graph).
+Operand = Union[fx.Node, str]
+
+LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+@dataclass
+class Linear:
+    """One linear call site: ``node = linear(input, weight, bias)``."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: Operand
+    bias: Optional[Operand]
+    name: str  # the module path in the user's model, e.g. "layers.0.attention.wq"
+
+    @property
+    def operands(self) -> list[Operand]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+
+@dataclass
+class Group:
+    """Sibling linears that will become one GEMM (a plain struct: no logic)."""
+
+    input: fx.Node
+    members: list[Linear]
+    widths: list[int] = field(default_factory=list)  # out_features per member
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+
+def _module_path(node: fx.Node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    # Dynamo spells the root "L['self']" (or "L['mod']"); drop it.
+    if path.startswith("L['") and "]" in path:
+        path = path.split("]", 1)[1].lstrip(".")
+    return path or None
+
+
+def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
+    """The `Linear` view of `node`, or None if it is not a recognised linear."""
+    if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x = node.kwargs.get("input", args[0])
+        w = node.kwargs.get("weight", args[1])
+        b = node.kwargs.get("bias", args[2])
+        if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+            return None
+        if b is not None and not isinstance(b, fx.Node):
+            return None
+        return Linear(node, x, w, b, _module_path(node) or node.name)
+    if node.op == "call_module" and isinstance(node.target, str):
+        mod = gm.get_submodule(node.target)
+        # Exactly nn.Linear: subclasses may override forward.
+        if type(mod) is not torch.nn.Linear or len(node.args) != 1 or node.kwargs:
+            return None
+        if not isinstance(node.args[0], fx.Node):
+            return None
+        bias = f"{node.target}.bias" if mod.bias is not None else None
+        return Linear(node, node.args[0], f"{node.target}.weight", bias, node.target)
+    return None
+
+
+def find_linears(gm: fx.GraphModule) -> list[Linear]:
+    """Every recognised linear call, in graph order."""
+    return [lin for n in gm.graph.nodes if (lin := as_linear(gm, n)) is not None]
+
+
+def count_linears(gm: fx.GraphModule) -> int:
+    return len(find_linears(gm))
+
+
+def siblings(linears: list[Linear]) -> list[list[Linear]]:
+    """Linears grouped by their input node; sets of one are dropped.
+
+    Ordered by the first member's position, members in graph order.
+    """
+    by_input: dict[fx.Node, list[Linear]] = {}
+    for lin in linears:
+        by_input.setdefault(lin.input, []).append(lin)
+    return [sibs for sibs in by_input.values() if len(sibs) > 1]
+
+
+def value_of(gm: fx.GraphModule, operand: Operand) -> object:
+    """The tensor an operand stands for: a fake value from the node's meta, a
+    real attribute for get_attr / module weights, or None if unknown."""
+    if isinstance(operand, str):
+        return _get_attr(gm, operand)
+    if operand.op == "get_attr" and isinstance(operand.target, str):
+        return _get_attr(gm, operand.target)
+    for key in ("val", "example_value"):
+        if key in operand.meta:
+            return operand.meta[key]
+    return None
+
+
+def _get_attr(gm: fx.GraphModule, qualname: str) -> object:
+    obj: object = gm
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
