@@ -63,6 +63,19 @@ def _buckets(gm: fx.GraphModule, sibs: list[Linear]) -> list[list[Linear]]:
     return buckets
 
 
+def _place(
+    gm: fx.GraphModule, members: list[Linear], order: dict[fx.Node, int], nodes: list[fx.Node]
+) -> tuple[fx.Node, Optional[Reason]]:
+    """Where the fused GEMM goes, or why it can go nowhere (graph walks)."""
+    reason = legality.check_independent(members, order)
+    if reason is not None:
+        return nodes[0], reason
+    anchor = legality.insertion_point(members, order, nodes)
+    if anchor is None:
+        return nodes[0], Reason.NO_LEGAL_POSITION
+    return anchor, legality.check_no_mutation(gm, members, anchor, order, nodes)
+
+
 def plan(gm: fx.GraphModule, config: FuseConfig) -> tuple[list[tuple[Group, fx.Node]], Counter, int]:
     """Find the groups to fuse and where each goes. Does not touch the graph.
 
@@ -97,11 +110,7 @@ def plan(gm: fx.GraphModule, config: FuseConfig) -> tuple[list[tuple[Group, fx.N
                     why = legality.incompatibility(gm, largest[0], members[0]) if members[0] not in largest else None
                     refuse(members, why or Reason.BELOW_MIN_GROUP_SIZE)
                     continue
-                anchor = legality.insertion_point(members, order, nodes)
-                if anchor is None:
-                    refuse(members, Reason.NO_LEGAL_POSITION)
-                    continue
-                reason = legality.check_group(gm, members, anchor, order, nodes)
+                anchor, reason = _place(gm, members, order, nodes)
                 if reason is not None:
                     refuse(members, reason)
                     continue
@@ -126,8 +135,7 @@ def _fuse(gm: fx.GraphModule, config: FuseConfig, weight_source: Optional[Weight
     try:
         for group, anchor in groups:
             given = weight_source(gm, group) if weight_source is not None else None
-            _, pairs = fuse_group(gm, group, anchor, *(given or (None, None)))
-            rerouted += pairs
+            fuse_group(gm, group, anchor, *(given or (None, None)), rerouted=rerouted)
             fused_groups.append(FusedGroup(
                 tuple(group.names), tuple(group.widths),
                 tuple(m.bias is not None for m in group.members),

@@ -18,7 +18,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .match import Linear, Operand, value_of
 
-__all__ = ["Reason", "check_member", "incompatibility", "check_group", "insertion_point"]
+__all__ = [
+    "Reason", "check_member", "incompatibility", "check_independent", "insertion_point", "check_no_mutation",
+]
 
 
 class Reason(str, enum.Enum):
@@ -198,7 +200,15 @@ def insertion_point(members: list[Linear], order: dict[fx.Node, int], nodes: lis
     return nodes[at] if at <= first_use and at < len(nodes) else None
 
 
-def check_group(
+def check_independent(members: list[Linear], order: dict[fx.Node, int]) -> Optional[Reason]:
+    """No member may (transitively) feed another member's weight or bias."""
+    member_nodes = {m.node for m in members}
+    first = min(order[n] for n in member_nodes)
+    ancestors = _ancestors_within(_nodes(o for m in members for o in m.operands), first, order)
+    return Reason.MEMBER_DEPENDS_ON_MEMBER if ancestors & member_nodes else None
+
+
+def check_no_mutation(
     gm: fx.GraphModule,
     members: list[Linear],
     anchor: fx.Node,
@@ -208,10 +218,6 @@ def check_group(
     """Is it safe to compute all members at `anchor` instead of where they are?"""
     member_nodes = {m.node for m in members}
     first = min(order[n] for n in member_nodes)
-    # No member may (transitively) feed another member's weight or bias.
-    ancestors = _ancestors_within(_nodes(o for m in members for o in m.operands), first, order)
-    if ancestors & member_nodes:
-        return Reason.MEMBER_DEPENDS_ON_MEMBER
     # Every member now reads its operands at `anchor`: nothing that may write
     # to them (or to memory they alias) may run between `anchor` and any member.
     lo = min(first, order[anchor])

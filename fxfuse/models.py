@@ -101,7 +101,7 @@ class Attention(nn.Module):
             mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
 

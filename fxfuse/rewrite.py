@@ -75,12 +75,14 @@ def fuse_group(
     anchor: fx.Node,
     fused_weight: Optional[fx.Node] = None,
     fused_bias: Optional[fx.Node] = None,
-) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]]:
+    rerouted: Optional[list[tuple[fx.Node, fx.Node]]] = None,
+) -> fx.Node:
     """Insert the fused GEMM before `anchor` and reroute every member's users.
 
     The member nodes are left in place without users; the caller erases them
     once every group is rewritten (an anchor may be another group's member).
-    Returns the fused linear node and the (member, replacement) pairs.
+    Each (member, replacement) pair is logged in `rerouted` before its users
+    move, so a failure can be undone. Returns the fused linear node.
     """
     graph = gm.graph
     members = group.members
@@ -119,5 +121,7 @@ def fuse_group(
                 n.meta[key] = val
     for m, out in zip(members, outs):
         out.meta.update(m.node.meta)  # each piece keeps its member's value and trace
+        if rerouted is not None:
+            rerouted.append((m.node, out))
         m.node.replace_all_uses_with(out)
-    return fused, [(m.node, out) for m, out in zip(members, outs)]
+    return fused

@@ -1,0 +1,146 @@
+"""The torch.compile backend: options, inner compilers, numerics, failures."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.models import LlamaConfig, Transformer
+
+CFG = LlamaConfig(n_layer=2, q_bias=True)  # grouped KV heads, a bias on q only
+
+
+def llama(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(CFG)
+
+
+def tokens(seed=1, b=2, s=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG.vocab, (b, s), generator=g)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_backend_matches_eager_no_grad(inner):
+    model, t = llama(), tokens()
+    be = fxfuse.backend(inner=inner)
+    with torch.no_grad():
+        ref = model(t)
+        out = torch.compile(model, backend=be)(t)
+    torch.testing.assert_close(out, ref)
+    assert be.report.removed == 6 and (be.report.before, be.report.after) == (15, 9)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_backend_gradients_match_eager(inner):
+    model, t = llama(), tokens()
+    twin = llama()
+    be = fxfuse.backend(inner=inner)
+    out = torch.compile(model, backend=be)(t)
+    ref = twin(t)
+    torch.testing.assert_close(out, ref)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert be.report.removed == 6
+
+
+def test_backend_dynamic_shapes():
+    model = llama()
+    be = fxfuse.backend(inner="eager")
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    with torch.no_grad():
+        for s in (3, 5, 9):
+            t = tokens(s=s)
+            torch.testing.assert_close(compiled(t), model(t))
+    assert be.report.graphs <= 2 and be.report.removed == 6 * be.report.graphs and not be.report.skipped
+
+
+def test_backend_options_through_torch_compile():
+    model, t = llama(), tokens()
+    with torch.no_grad():
+        torch.compile(model, backend="fxfuse", options={"inner": "eager", "min_group_size": 3})(t)
+    counters = torch._dynamo.utils.counters
+    # Only q/k/v (3 members) pass min_group_size=3; gate/up (2) are counted as skipped.
+    assert counters["fxfuse"]["linear_calls_removed"] == 4
+    assert counters["fxfuse_skipped"]["below_min_group_size"] == 4
+
+
+def test_backend_unknown_option_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown fxfuse option\(s\) \['min_grup_size'\]"):
+        fxfuse.backend(min_grup_size=3)
+    with pytest.raises(ValueError, match="min_group_size must be an int >= 2, got 1"):
+        fxfuse.backend(min_group_size=1)
+
+
+def test_backend_inner_callable_and_named():
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    model, t = llama(), tokens()
+    with torch.no_grad():
+        torch.compile(model, backend=fxfuse.backend(inner=inner))(t)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=fxfuse.backend(inner="aot_eager"))(t)
+        torch.testing.assert_close(out, model(t))
+    assert len(seen) == 1 and "split" in seen[0].code
+
+
+def test_backend_survives_a_failing_pass(monkeypatch, caplog):
+    fb = sys.modules["fxfuse.backend"]  # the module; fxfuse.backend is the function
+
+    def broken(gm, config):
+        raise RuntimeError("pass bug")
+
+    monkeypatch.setattr(fb, "_fuse", broken)
+    model, t = llama(), tokens()
+    be = fxfuse.backend(inner="eager")
+    with caplog.at_level(logging.WARNING, logger="fxfuse"), torch.no_grad():
+        out = torch.compile(model, backend=be)(t)
+        torch.testing.assert_close(out, model(t))
+    assert "pass bug" in caplog.text and be.report.removed == 0 and be.report.errors
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pass bug"), torch.no_grad():
+        torch.compile(model, backend=fxfuse.backend(inner="eager", strict=True))(t)
+
+
+def test_backend_string_works_without_importing_fxfuse():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from fxfuse.models import LlamaConfig, Transformer  # the model only
+        del sys.modules["fxfuse"]; [sys.modules.pop(k) for k in list(sys.modules) if k.startswith("fxfuse.")]
+        m = Transformer(LlamaConfig(n_layer=1))
+        t = torch.randint(0, 128, (1, 4))
+        with torch.no_grad():
+            out = torch.compile(m, backend="fxfuse", options={"inner": "eager"})(t)
+            torch.testing.assert_close(out, m(t))
+        print("removed", torch._dynamo.utils.counters["fxfuse"]["linear_calls_removed"])
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "removed 3" in res.stdout
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import torch._dynamo.backends.registry as r, torch._inductor.config as c;"
+        "before = (dict(r._COMPILER_FNS), c.get_config_copy());"
+        "import fxfuse;"
+        "after = (dict(r._COMPILER_FNS), c.get_config_copy());"
+        "assert before[0].keys() == after[0].keys(), 'registered a backend at import';"
+        "assert before[1] == after[1], 'changed inductor config at import'"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr

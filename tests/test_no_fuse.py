@@ -1,0 +1,183 @@
+"""One test per refusal: the graph is unchanged and the reason is counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing._internal.two_tensor import TwoTensor
+
+import fxfuse
+from fxfuse import FuseConfig, Reason
+
+from conftest import capture, capture_with_inputs
+
+
+def assert_left_alone(gm, reason: Reason, calls: int, config=None, inputs=None):
+    code = gm.code
+    expected = gm(*inputs) if inputs is not None else None
+    report = fxfuse.fuse_linears(gm, config)
+    assert gm.code == code, "graph changed"
+    assert report.removed == 0 and not report.groups
+    assert report.skipped[reason.value] == calls, report.skipped
+    assert torch._dynamo.utils.counters["fxfuse_skipped"][reason.value] == calls
+    if inputs is not None:
+        torch.testing.assert_close(gm(*inputs), expected)
+    return report
+
+
+def pair(x, w1, w2):
+    return F.linear(x, w1), F.linear(x, w2)
+
+
+class Pair(nn.Module):
+    def __init__(self, a: nn.Linear, b: nn.Linear):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+def test_no_fuse_unknown_weight():
+    gm = torch.fx.symbolic_trace(pair)  # placeholders carry no tensor metadata
+    assert_left_alone(gm, Reason.UNKNOWN_WEIGHT, 2)
+
+
+def test_no_fuse_tensor_subclass_weight():
+    x, w1, w2 = torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4)
+    gm = torch.fx.symbolic_trace(pair)
+    for node, w in zip(list(gm.graph.nodes)[1:3], (w1, w2)):
+        node.meta["val"] = TwoTensor(w, w.clone())
+    assert_left_alone(gm, Reason.TENSOR_SUBCLASS, 2, inputs=(x, w1, w2))
+
+
+def test_no_fuse_weight_not_2d():
+    x, w1, w2 = torch.randn(2, 4), torch.randn(4), torch.randn(4)  # 1-D weights are legal linears
+    gm, inputs = capture_with_inputs(pair, x, w1, w2)
+    assert_left_alone(gm, Reason.WEIGHT_NOT_2D, 2, inputs=inputs)
+
+
+def test_no_fuse_symbolic_weight_shape():
+    x, w1, w2 = torch.randn(2, 4), torch.randn(3, 4), torch.randn(5, 4)
+    gm, inputs = capture_with_inputs(pair, x, w1, w2, dynamic=True)
+    assert_left_alone(gm, Reason.SYMBOLIC_SHAPE, 2, inputs=inputs)
+
+
+def test_no_fuse_bias_shape_or_dtype():
+    def f(x, w1, w2, b):
+        return F.linear(x, w1, b), F.linear(x, w2)
+
+    # A 1-element bias broadcasts in eager; it is not a per-channel bias.
+    args = (torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4), torch.randn(1))
+    gm, inputs = capture_with_inputs(f, *args)
+    assert_left_alone(gm, Reason.BAD_BIAS, 1, inputs=inputs)
+
+
+def test_no_fuse_dtype_mismatch():
+    gm = torch.fx.symbolic_trace(Pair(nn.Linear(4, 3), nn.Linear(4, 3, dtype=torch.float64)))
+    assert_left_alone(gm, Reason.DTYPE_MISMATCH, 1)
+
+
+def test_no_fuse_device_mismatch():
+    gm = torch.fx.symbolic_trace(Pair(nn.Linear(4, 3), nn.Linear(4, 3, device="meta")))
+    assert_left_alone(gm, Reason.DEVICE_MISMATCH, 1)
+
+
+def test_no_fuse_in_features_mismatch():
+    gm = torch.fx.symbolic_trace(Pair(nn.Linear(4, 3), nn.Linear(5, 3)))
+    assert_left_alone(gm, Reason.IN_FEATURES_MISMATCH, 1)
+
+
+def test_no_fuse_weights_need_grad_when_training_is_off():
+    model = Pair(nn.Linear(4, 3), nn.Linear(4, 3))
+    gm = torch.fx.symbolic_trace(model)
+    with torch.enable_grad():
+        assert_left_alone(gm, Reason.NEEDS_GRAD, 2, config=FuseConfig(training=False))
+
+
+def test_no_fuse_below_min_group_size():
+    model = Pair(nn.Linear(4, 3), nn.Linear(4, 3))
+    assert_left_alone(torch.fx.symbolic_trace(model), Reason.BELOW_MIN_GROUP_SIZE, 2,
+                      config=FuseConfig(min_group_size=3))
+
+
+def test_no_fuse_member_depends_on_member():
+    def f(x, wq, wk):
+        q = F.linear(x, wq)
+        k = F.linear(x, wk + q.sum())  # k's weight needs q
+        return q, k
+
+    gm, inputs = capture_with_inputs(f, torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4))
+    assert_left_alone(gm, Reason.MEMBER_DEPENDS_ON_MEMBER, 2, inputs=inputs)
+
+
+def _add_to_input(x, wq, wk):
+    x.add_(1)
+
+
+def _mul_weight(x, wq, wk):
+    torch.Tensor.mul_(wk, 2)
+
+
+def _setitem_view_of_input(x, wq, wk):
+    x.view(-1)[0] = 5.0
+
+
+@pytest.mark.parametrize("mutate", [_add_to_input, _mul_weight, _setitem_view_of_input])
+def test_no_fuse_mutation_between_members(mutate):
+    def f(x, wq, wk):
+        q = F.linear(x, wq)
+        mutate(x, wq, wk)
+        k = F.linear(x, wk)
+        return q, k
+
+    def args():
+        torch.manual_seed(0)
+        return torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4)
+
+    gm = capture(f, *args())
+    assert_left_alone(gm, Reason.MUTATION_BETWEEN_MEMBERS, 2)
+    # Fusing would have read the mutated values for q: the graph still agrees with eager.
+    torch.testing.assert_close(gm(*args()), f(*args()))
+
+
+def test_no_fuse_no_legal_position():
+    def f(x, wq, wk):
+        q = F.linear(x, wq)
+        s = q.sum()  # q is used ...
+        wk2 = wk * 2  # ... before k's weight exists
+        return s, F.linear(x, wk2)
+
+    gm, inputs = capture_with_inputs(f, torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4))
+    assert_left_alone(gm, Reason.NO_LEGAL_POSITION, 2, inputs=inputs)
+
+
+def test_no_fuse_vetoed_by_should_fuse():
+    gm = torch.fx.symbolic_trace(Pair(nn.Linear(4, 3), nn.Linear(4, 3)))
+    assert_left_alone(gm, Reason.VETOED, 2, config=FuseConfig(should_fuse=lambda g: False))
+
+
+def test_no_fuse_error_in_pass_restores_graph(monkeypatch):
+    import fxfuse.rewrite
+
+    real, calls = fxfuse.rewrite._fake_value, []
+
+    def fails_in_second_group(gm, node, key):
+        calls.append(node)
+        if len(calls) > 3:  # cat, linear, split of the first group succeed
+            raise RuntimeError("boom")
+        return real(gm, node, key)
+
+    monkeypatch.setattr(fxfuse.rewrite, "_fake_value", fails_in_second_group)
+
+    def f(x, y, w1, w2):
+        return F.linear(x, w1), F.linear(x, w2), F.linear(y, w1), F.linear(y, w2)
+
+    gm, inputs = capture_with_inputs(f, *(torch.randn(2, 4) for _ in range(2)), *(torch.randn(3, 4) for _ in range(2)))
+    report = assert_left_alone(gm, Reason.ERROR, 4, inputs=inputs)
+    assert "boom" in report.errors[0]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        fxfuse.fuse_linears(gm, FuseConfig(strict=True))
