@@ -142,6 +142,7 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
         graphs0 = counters["stats"]["unique_graphs"]
         skips0 = counters["inductor"]["cudagraph_skips"]
+        fx0 = {k: dict(counters[k]) for k in ("fxfuse", "fxfuse_skipped")}
         # freezing: the scoped patch covers the compile and every call that may compile.
         frozen = v.name == "freezing"
         with torch._inductor.config.patch(freezing=True) if frozen else contextlib.nullcontext():
@@ -159,6 +160,9 @@ class Bench:
         after = self.mem()
         v.res["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs0
         v.res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips0
+        for k, old in fx0.items():  # what the fxfuse pass did in this variant's graphs
+            if delta := {n: c - old.get(n, 0) for n, c in counters[k].items() if c != old.get(n, 0)}:
+                v.res[k] = delta
         if before:
             peak = torch.cuda.max_memory_allocated()
             v.res.update(extra_alloc_gib=(after[0] - before[0]) / GiB,
@@ -173,16 +177,19 @@ def compare(out, ref, tol):
             "agrees": bool(torch.isfinite(out).all() and err <= tol)}
 
 
-def make_compiled(name, model, mode):
+def make_compiled(v, mode):
+    name, model = v.name, v.model
     if name == "fxfuse":
         try:
+            v.res["fxfuse_via"] = 'backend="fxfuse" (entry point)'
             return torch.compile(model, backend="fxfuse", mode=mode, dynamic=False)
         except Exception as first:  # no entry point: the package is not pip-installed here
-            try:
-                import fxfuse  # noqa: F401  (importing may register the backend)
-                return torch.compile(model, backend="fxfuse", mode=mode, dynamic=False)
+            try:  # the same backend, built by the package's own call
+                import fxfuse
+                v.res["fxfuse_via"] = f"fxfuse.backend() (no entry point: {first!r})"
+                return torch.compile(model, backend=fxfuse.backend(mode=mode), dynamic=False)
             except Exception as second:
-                raise RuntimeError(f"{first!r}; after `import fxfuse`: {second!r}") from None
+                raise RuntimeError(f"{first!r}; then fxfuse.backend(): {second!r}") from None
     if name == "freezing":
         # Same model and same mode as `unfused` would compare equal as backends, and
         # dynamo would reuse unfused's compiled code without compiling (seen on torch
@@ -264,6 +271,8 @@ def markdown(vs, meta):
             f"| {f(r.get('compile_decode_s'), '{:.1f}')}/{f(r.get('compile_prefill_s'), '{:.1f}')} "
             f"| {f(r.get('check', {}).get('rel'), '{:.1e}')} "
             f"| {ip.get('agrees', '-')} (rel {f(ip.get('rel'), '{:.1e}')}) |")
+    lines += [f"\n{v.name}: {v.res.get('fxfuse_via')}; pass counters {v.res.get('fxfuse')}"
+              for v in vs if "fxfuse_via" in v.res and not v.error]
     return "\n".join(lines) + "\n"
 
 
@@ -329,7 +338,7 @@ def run(args):
     for v in vs:
         try:
             b.log(f"compiling {v.name}")
-            b.compile(v, lambda v=v: make_compiled(v.name, v.model, mode))
+            b.compile(v, lambda v=v: make_compiled(v, mode))
             v.res["check"] = compare(b.check_step(v.fn, v.model, seed=1), ref, args.tol)
             if args.prefill:
                 b.mark()

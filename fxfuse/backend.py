@@ -22,6 +22,7 @@ from torch import fx
 
 from .config import FuseConfig
 from .fuse import _fuse
+from .inputs import FusedInputs, copy_graph_module
 from .match import count_linears
 from .report import FuseReport
 
@@ -76,13 +77,21 @@ class Backend:
             raise TypeError(
                 f"unexpected arguments {sorted(kwargs)}: pass options to fxfuse.backend(...) instead"
             )
-        report = self.fuse(gm)
-        self.report.merge(report)
-        return self._inner(gm, example_inputs)
+        if self.config.weights == "cat":
+            self.report.merge(self.fuse(gm))
+            return self._inner(gm, example_inputs)
+        work = copy_graph_module(gm)
+        inputs = FusedInputs(work, list(example_inputs))
+        self.report.merge(self.fuse(work, inputs))
+        if not inputs.slots:
+            return self._inner(work, example_inputs)
+        keep = inputs.prune()
+        compiled = self._inner(work, [example_inputs[i] for i in keep] + inputs.extra)
+        return inputs.wrap(compiled, keep)
 
-    def fuse(self, gm: fx.GraphModule) -> FuseReport:
+    def fuse(self, gm: fx.GraphModule, inputs: Optional[FusedInputs] = None) -> FuseReport:
         try:
-            report = _fuse(gm, self.config)
+            report = _fuse(gm, self.config, inputs)
         except Exception as e:  # noqa: BLE001 - the user's compile must go on
             if self.config.strict:
                 raise

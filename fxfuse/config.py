@@ -10,13 +10,14 @@ if TYPE_CHECKING:
 
 __all__ = ["FuseConfig", "WEIGHT_MODES"]
 
-# How the fused weight reaches the GEMM:
-#   "cat":     a torch.cat of the member weights inside the graph (differentiable,
-#              works everywhere, but re-copies the weights on every call);
-#   "storage": the member weights are moved once into one storage and the
-#              compiled graph reads it directly (the backend's inference path);
-#   "auto":    "storage" where the backend can prove it safe, else "cat".
-WEIGHT_MODES = ("auto", "cat", "storage")
+# How the backend gives the fused GEMM its weight:
+#   "auto": where the members are parameters or buffers that need no gradient,
+#           move them once into one storage that the compiled graph reads
+#           directly (weights.py); elsewhere, "cat";
+#   "cat":  a torch.cat of the member weights inside the graph (differentiable,
+#           works everywhere, but re-copies the weights on every call).
+# `fuse_linears` on a bare graph has no real tensors and always uses "cat".
+WEIGHT_MODES = ("auto", "cat")
 
 
 @dataclass(frozen=True)

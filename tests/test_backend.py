@@ -99,7 +99,7 @@ def test_backend_inner_callable_and_named():
 def test_backend_survives_a_failing_pass(monkeypatch, caplog):
     fb = sys.modules["fxfuse.backend"]  # the module; fxfuse.backend is the function
 
-    def broken(gm, config):
+    def broken(gm, config, inputs=None):
         raise RuntimeError("pass bug")
 
     monkeypatch.setattr(fb, "_fuse", broken)

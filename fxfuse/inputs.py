@@ -1,0 +1,169 @@
+"""Feed fused storages to a compiled Dynamo graph as extra inputs.
+
+In a Dynamo graph the weights are placeholders whose real tensors arrive on
+every call. For a group whose weights can live in one storage (see
+weights.py), the fused GEMM reads a new placeholder instead of a
+``torch.cat``, and the members' own placeholders are dropped (nothing else
+reads them). The returned callable checks, by data pointer, that every member
+still lives in its slice (re-fusing first if not), then calls the compiled
+graph with the kept arguments and the fused tensors. The new placeholders are
+marked as static inputs, so CUDA graphs read them in place instead of copying
+them per replay; dropping the members also means fewer inputs to check.
+
+The rewrite happens on a copy of Dynamo's graph: Dynamo maps the placeholders
+of its own graph back to the frame's values after the backend returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, fx
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+from .match import Group, Operand
+from .weights import Storage, storage_for
+
+__all__ = ["FusedInputs", "copy_graph_module"]
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a Dynamo graph module that can be rewritten freely."""
+    graph = copy.deepcopy(gm.graph)  # node meta is copied shallowly
+    new = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    new.meta = dict(gm.meta)
+    for old, node in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            node._dynamo_source = old._dynamo_source  # type: ignore[attr-defined]
+    return new
+
+
+def _concat(members: list[Optional[Tensor]], widths: list[int]) -> Tensor:
+    ref = next(m for m in members if m is not None)
+    return torch.cat([m if m is not None else ref.new_zeros((w, *ref.shape[1:])) for m, w in zip(members, widths)])
+
+
+class _Slot:
+    """One fused tensor passed to the graph: which arguments it is built from."""
+
+    def __init__(self, arg_index: list[Optional[int]], widths: list[int], storage: Storage) -> None:
+        self.arg_index = arg_index  # argument position of each member (None: no bias)
+        self.widths = widths
+        self.ref = weakref.ref(storage)
+
+    def fused(self, args: tuple) -> Tensor:
+        st = self.ref()
+        if st is not None and all(
+            i is None or args[i].data_ptr() == p for i, p in zip(self.arg_index, st.ptrs)
+        ):
+            return st.fused  # the common case: nothing moved
+        members = [None if i is None else args[i] for i in self.arg_index]
+        if st is not None and st.fits(members):
+            return st.current(members)
+        st = storage_for(members, self.widths)
+        if st is None:  # the tensors now belong to another group: correct, but copies
+            return _concat(members, self.widths)
+        self.ref = weakref.ref(st)
+        return st.fused
+
+
+class FusedInputs:
+    """Builds the storage-backed weight source for one Dynamo graph, and then
+    the callable that feeds the fused tensors to the compiled graph."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list) -> None:
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        self.position = {n: i for i, n in enumerate(self.placeholders)}
+        self.slots: list[_Slot] = []
+        self.extra: list[Tensor] = []
+        self.members: list[fx.Node] = []  # placeholders now read through a storage
+
+    def _arg(self, op: Optional[Operand]) -> Optional[int]:
+        """The argument index of a weight that can move into a storage, else -1."""
+        if op is None:
+            return None
+        if not isinstance(op, fx.Node) or op not in self.position:
+            return -1
+        i = self.position[op]
+        t = self.example_inputs[i] if i < len(self.example_inputs) else None
+        # Parameters and buffers only (Dynamo marks them static): moving a
+        # user's fresh input tensor into a storage would copy it on every call.
+        static = op.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+        if not isinstance(t, Tensor) or isinstance(t, FakeTensor) or not static:
+            return -1
+        if len(op.users) != 1:
+            return -1  # read elsewhere too: its placeholder must stay
+        if torch.is_grad_enabled() and t.requires_grad:
+            return -1  # autograd needs the member tensors themselves
+        return i
+
+    def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[tuple[fx.Node, Optional[fx.Node]]]:
+        """Weight source for `fuse_linears`: the fused weight/bias placeholders."""
+        w_idx = [self._arg(m.weight) for m in group.members]
+        b_idx = [self._arg(m.bias) for m in group.members]
+        has_bias = any(i is not None for i in b_idx)
+        if -1 in w_idx or -1 in b_idx:
+            return None
+        with unset_fake_temporarily():
+            ws = storage_for([self.example_inputs[i] for i in w_idx], group.widths)  # type: ignore[index]
+            bs = None
+            if has_bias and ws is not None:
+                bs = storage_for([None if i is None else self.example_inputs[i] for i in b_idx], group.widths)
+        if ws is None or (has_bias and bs is None):
+            return None
+        w_node = self._add_input(ws, w_idx, group)
+        b_node = self._add_input(bs, b_idx, group) if bs is not None else None
+        self.members += [self.placeholders[i] for i in w_idx + b_idx if i is not None]  # type: ignore[index]
+        return w_node, b_node
+
+    def _add_input(self, st: Storage, idx: list, group: Group) -> fx.Node:
+        from torch._dynamo.source import ConstantSource
+        from torch._guards import TracingContext
+
+        graph = self.gm.graph
+        last = list(graph.find_nodes(op="placeholder"))[-1]
+        name = f"fxfuse_fused_{len(self.slots)}"
+        with graph.inserting_after(last):
+            node = graph.placeholder(name)
+        node._dynamo_source = ConstantSource(name)  # type: ignore[attr-defined]
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        member_val = group.members[0].node.meta.get("example_value")
+        if isinstance(member_val, FakeTensor):
+            node.meta["example_value"] = member_val.fake_mode.from_tensor(st.fused, static_shapes=True)
+        ctx = TracingContext.try_get()
+        if ctx is not None and ctx.fake_mode is not None:
+            # Fakify now, with static shapes: Inductor's later fakification
+            # of this input finds this one instead of inventing symbols.
+            ctx.fake_mode.from_tensor(st.fused, static_shapes=True)
+        st.fused._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
+        self.slots.append(_Slot(list(idx), list(group.widths), st))
+        self.extra.append(st.fused)
+        return node
+
+    def prune(self) -> list[int]:
+        """Drop the member placeholders the rewrite left unread; return the
+        indices of the original arguments the compiled graph still takes."""
+        graph = self.gm.graph
+        for node in self.members:
+            if not node.users:
+                graph.erase_node(node)
+        self.gm.recompile()
+        alive = set(graph.find_nodes(op="placeholder"))
+        return [i for i, n in enumerate(self.placeholders) if n in alive]
+
+    def wrap(self, compiled: Callable, keep: list[int]) -> Callable:
+        """The compiled graph, called with the kept arguments and the fused tensors."""
+        slots = self.slots
+        self.extra = []  # the slots find the tensors; hold no strong reference
+
+        def run(*args: Any) -> Any:
+            fused = [slot.fused(args) for slot in slots]
+            # Dynamo calls a backend's result unpacked, whatever `_boxed_call` says.
+            return compiled(*[args[i] for i in keep], *fused)
+
+        return run

@@ -1,0 +1,147 @@
+"""Fused weights live in one storage: concatenated once, no second copy,
+never stale.
+
+A group's member weights (or biases) are copied once into one contiguous
+tensor, and each member's ``.data`` becomes its row slice of it:
+
+    fused = [ wq | wk | wv ]      (one allocation, rows stacked)
+    wq.data = fused[0:nq]; wk.data = fused[nq:nq+nk]; ...
+
+The Parameters stay the same Python objects with the same shapes and strides,
+so state_dict, optimizers, hooks and named_parameters keep working; in-place
+updates (``mul_``, ``copy_``, ``load_state_dict``, optimizer steps) write
+straight into the fused tensor. What can still move a member elsewhere (a new
+Parameter object, ``load_state_dict(assign=True)``, ``.data =``,
+``model.to(...)``) is caught by `Storage.current`, which compares data
+pointers on every call and copies the moved members back in before the
+compiled code runs.
+
+Memory: the old member storages are freed as soon as each member is
+re-pointed, so the peak while fusing is one group's size above the model,
+and nothing is left over afterwards.
+
+The registry maps each member tensor (weakly) to its storage, so two compiled
+graphs that fuse the same group share one fused tensor, and a tensor is never
+claimed by two different groups (one storage cannot hold it twice).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["Storage", "storage_for", "unfuse"]
+
+# member tensor -> Storage holding it. The Storage (and so the fused tensor) is
+# alive while a member is; compiled graphs hold only weak references to it, so
+# after `model.to(dtype)` the old fused tensor goes once the group is re-fused.
+_REGISTRY: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+class Storage:
+    """One group's member tensors (None: a missing bias, kept as zeros) as row
+    slices of one contiguous tensor, `fused`."""
+
+    def __init__(self, members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> None:
+        ref = next(m for m in members if m is not None)
+        self.widths = list(widths)
+        self.offsets = [sum(self.widths[:i]) for i in range(len(self.widths))]
+        self.fused = torch.empty(
+            (sum(self.widths), *ref.shape[1:]), dtype=ref.dtype, device=ref.device
+        )
+        self._members: list[Optional[weakref.ref]] = [None] * len(members)
+        self.ptrs = [0] * len(members)
+        with torch.no_grad():
+            for i, m in enumerate(members):
+                if m is None:
+                    self._slice(i).zero_()
+                else:
+                    self._adopt(i, m)
+
+    def _slice(self, i: int) -> Tensor:
+        return self.fused[self.offsets[i] : self.offsets[i] + self.widths[i]]
+
+    def _adopt(self, i: int, member: Tensor) -> None:
+        """Copy `member` into its slice and make it a view of the slice."""
+        piece = self._slice(i)
+        if member.data_ptr() != piece.data_ptr():
+            piece.copy_(member)
+            member.data = piece
+        self._members[i] = weakref.ref(member)
+        self.ptrs[i] = piece.data_ptr()
+        _REGISTRY[member] = self
+
+    def position(self, member: Tensor) -> int:
+        return next((i for i, r in enumerate(self._members) if r is not None and r() is member), -1)
+
+    def fits(self, members: Sequence[Optional[Tensor]]) -> bool:
+        """Could these tensors be copied into this storage as they are?"""
+        return len(members) == len(self.widths) and all(
+            m is None
+            or (m.dtype == self.fused.dtype and m.device == self.fused.device
+                and tuple(m.shape) == (w, *self.fused.shape[1:]))
+            for m, w in zip(members, self.widths)
+        )
+
+    def current(self, members: Sequence[Optional[Tensor]]) -> Tensor:
+        """The fused tensor, after copying back any member that moved."""
+        with torch.no_grad():
+            for i, (m, p) in enumerate(zip(members, self.ptrs)):
+                if m is not None and m.data_ptr() != p:
+                    self._adopt(i, m)
+        return self.fused
+
+
+def _plain(t: Tensor) -> bool:
+    return type(t) in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and t.is_contiguous()
+
+
+def storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> Optional[Storage]:
+    """The storage holding these tensors, made (once) if needed, or None when
+    they cannot share one: a repeated or non-contiguous tensor, or a tensor
+    that another group's storage still backs (one tensor has one home)."""
+    present = [m for m in members if m is not None]
+    if not present or len({id(m) for m in present}) != len(present) or not all(map(_plain, present)):
+        return None
+    owners = {id(s): s for m in present if (s := _REGISTRY.get(m)) is not None}
+    if len(owners) == 1:
+        (owner,) = owners.values()
+        # The same group, maybe with some members replaced by new tensors.
+        if owner.fits(members) and all(
+            _REGISTRY.get(m) is None or owner.position(m) == i for i, m in enumerate(members) if m is not None
+        ):
+            owner.current(members)
+            return owner
+    if any(_still_owns(o, present) for o in owners.values()):
+        return None
+    return Storage(members, widths)
+
+
+def _still_owns(storage: Storage, tensors: list[Tensor]) -> bool:
+    """Does `storage` still back one of `tensors` (so re-fusing would steal it)?"""
+    return any(
+        r is not None and r() is t and t.data_ptr() == p
+        for t in tensors
+        for r, p in zip(storage._members, storage.ptrs)
+    )
+
+
+@torch.no_grad()
+def unfuse(module: torch.nn.Module) -> int:
+    """Give every fused parameter and buffer of `module` its own storage again.
+
+    Use it before saving with a format that refuses shared storage (e.g.
+    safetensors). Compiled models keep working: they re-fuse on their next
+    call. Returns the number of tensors moved.
+    """
+    moved = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if _REGISTRY.get(t) is not None:
+            t.data = t.data.clone()
+            del _REGISTRY[t]
+            moved += 1
+    return moved
