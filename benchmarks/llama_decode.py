@@ -6,6 +6,8 @@ batch 1) compiled four ways, all measured in one process:
   fxfuse      torch.compile(plain, backend="fxfuse", mode=MODE)
   hand_fused  torch.compile(hand-fused copy, mode=MODE)             gpt-fast-style wqkv/w13
   freezing    inductor with freezing=True on the plain model
+  fxfuse_cat  fxfuse with weights="cat": the fused weight is a torch.cat in the
+              graph (what a naive rewrite does), to show what the storage saves
 
 For each: compile time, extra GPU memory, decode tok/s and prefill ms (medians
 of round-robin repeats), logits vs eager, and whether the variant still agrees
@@ -37,7 +39,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fxfuse.models import LlamaConfig, Transformer, load_hand_fused  # noqa: E402
 
-VARIANTS = ("unfused", "fxfuse", "hand_fused", "freezing")
+VARIANTS = ("unfused", "fxfuse", "hand_fused", "freezing", "fxfuse_cat")
 GiB = 2**30
 
 
@@ -190,6 +192,9 @@ def make_compiled(v, mode):
                 return torch.compile(model, backend=fxfuse.backend(mode=mode), dynamic=False)
             except Exception as second:
                 raise RuntimeError(f"{first!r}; then fxfuse.backend(): {second!r}") from None
+    if name == "fxfuse_cat":
+        import fxfuse
+        return torch.compile(model, backend=fxfuse.backend(mode=mode, weights="cat"), dynamic=False)
     if name == "freezing":
         # Same model and same mode as `unfused` would compare equal as backends, and
         # dynamo would reuse unfused's compiled code without compiling (seen on torch

@@ -12,6 +12,7 @@ from .fuse import fuse_linears
 from .legality import Reason
 from .match import Group
 from .report import FusedGroup, FuseReport
+from .weights import unfuse
 
 __all__ = [
     "Backend",
@@ -22,5 +23,6 @@ __all__ = [
     "Reason",
     "backend",
     "fuse_linears",
+    "unfuse",
 ]
 __version__ = "0.1.0"
