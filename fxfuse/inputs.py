@@ -32,8 +32,13 @@ __all__ = ["FusedInputs", "copy_graph_module"]
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of a Dynamo graph module that can be rewritten freely."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
     graph = copy.deepcopy(gm.graph)  # node meta is copied shallowly
-    new = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    # Dynamo's graph modules generate their Python code lazily, on first call;
+    # keep that, or every rewrite would pay for a code generation up front.
+    cls = _LazyGraphModule if isinstance(gm, _LazyGraphModule) else fx.GraphModule
+    new = cls(gm, graph, gm.__class__.__name__)
     new.meta = dict(gm.meta)
     for old, node in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")):
         if hasattr(old, "_dynamo_source"):

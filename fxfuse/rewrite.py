@@ -18,7 +18,6 @@ from typing import Any, Optional
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx.node import map_arg
 
 from .match import Group, Operand, value_of
 
@@ -35,34 +34,50 @@ def _value_key(group: Group) -> Optional[str]:
     return next((k for k in ("val", "example_value") if k in meta), None)
 
 
-def _fake_value(gm: fx.GraphModule, node: fx.Node, key: str) -> Any:
-    """Run `node` on its inputs' fake values, or None if any is unknown."""
-    def value(n: fx.Node) -> Any:
-        return value_of(gm, n) if n.op == "get_attr" else n.meta.get(key)
-
-    args = map_arg(node.args, value)
-    kwargs = map_arg(node.kwargs, value)
-    vals = [value(n) for n in node.all_input_nodes]
-    if any(v is None for v in vals):
+def _new_value(gm: fx.GraphModule, node: fx.Node, key: str) -> Any:
+    """Fake value of a weight or bias concatenation (``cat`` or ``new_zeros``),
+    built from its inputs' shapes; None if an input has no fake value (e.g. a
+    symbolic_trace graph)."""
+    inputs = [value_of(gm, n) if n.op == "get_attr" else n.meta.get(key) for n in node.all_input_nodes]
+    fakes = [v for v in inputs if isinstance(v, FakeTensor)]
+    if not fakes or len(fakes) != len(inputs):
         return None
-    # The mode of the values themselves: Dynamo hands backends a graph whose
-    # example values belong to its own mode, not the tracing context's.
-    fakes = [v for v in vals if isinstance(v, FakeTensor)]
-    if not fakes:
+    ref = fakes[0]
+    if node.target == "new_zeros":
+        shape: tuple = tuple(node.args[1])  # type: ignore[arg-type]
+    else:
+        shape = (sum(v.shape[0] for v in fakes), *ref.shape[1:])
+    return _fake_empty(ref, shape, ref.dtype)[0]
+
+
+def _fake_empty(ref: FakeTensor, shape: tuple, dtype: torch.dtype, split: Optional[list[int]] = None) -> list[Any]:
+    """A fake tensor of `shape` in `ref`'s mode (and its pieces split along the
+    last dim). With static shapes it is built from a meta tensor directly: a
+    fake-mode dispatch per node would be most of the pass's time."""
+    fm = ref.fake_mode
+    if all(isinstance(d, int) for d in shape):
+        conv = fm.fake_tensor_converter
+        meta = torch.empty(shape, dtype=dtype, device="meta")
+        parts = list(meta.split(split, dim=-1)) if split is not None else []
+        return [conv.from_meta_and_device(fm, t, ref.device) for t in [meta, *parts]]
+    with fm:
+        out = torch.empty(shape, dtype=dtype, device=ref.device)
+        return [out, *(out.split(split, dim=-1) if split is not None else [])]
+
+
+def _output_values(group: Group, key: str) -> Optional[tuple[Any, list[Any]]]:
+    """Fake values of the fused output and of its split pieces.
+
+    Built from the members' own output values rather than by running linear
+    under the fake mode, which costs about a millisecond a group.
+    """
+    outs = [m.node.meta.get(key) for m in group.members]
+    if not all(isinstance(v, FakeTensor) for v in outs):
         return None
-    fake_mode = fakes[0].fake_mode
-
-    def fake(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
-            return fake_mode.from_tensor(v)
-        return v
-
-    args = torch.utils._pytree.tree_map(fake, args)
-    kwargs = torch.utils._pytree.tree_map(fake, kwargs)
-    with fake_mode:
-        if node.op == "call_method":
-            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)  # type: ignore[operator]
+    ref = outs[0]
+    shape = (*ref.shape[:-1], sum(group.widths))
+    fused, *pieces = _fake_empty(ref, shape, ref.dtype, list(group.widths))  # pieces: strided views
+    return fused, pieces
 
 
 def _operand_node(graph: fx.Graph, op: Operand) -> fx.Node:
@@ -109,19 +124,22 @@ def fuse_group(
         fused = graph.call_function(torch._C._nn.linear, (group.input, weight, bias))
         parts = graph.call_function(torch.split, (fused, list(group.widths)), {"dim": -1})
         outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
-    new += [fused, parts]
     fused.meta[SPLIT_SIZES_KEY] = list(group.widths)
-    for n in new:
+    for n in new + [fused, parts]:
         for k in _COPIED_META:
             if k in members[0].node.meta:
                 n.meta.setdefault(k, members[0].node.meta[k])
-        if key is not None:
-            val = _fake_value(gm, n, key)
-            if val is not None:
-                n.meta[key] = val
-    for m, out in zip(members, outs):
-        out.meta.update(m.node.meta)  # each piece keeps its member's value and trace
+    for n in new:  # weight and bias concatenations: small, cheap to evaluate
+        if key is not None and (val := _new_value(gm, n, key)) is not None:
+            n.meta[key] = val
+    pieces = _output_values(group, key) if key is not None else None
+    for i, (m, out) in enumerate(zip(members, outs)):
+        out.meta.update(m.node.meta)  # each piece keeps its member's trace
+        if pieces is not None:
+            out.meta[key] = pieces[1][i]
         if rerouted is not None:
             rerouted.append((m.node, out))
         m.node.replace_all_uses_with(out)
+    if pieces is not None:
+        fused.meta[key], parts.meta[key] = pieces[0], tuple(pieces[1])
     return fused

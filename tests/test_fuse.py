@@ -105,6 +105,8 @@ def test_fuse_keeps_meta():
     fused = next(n for n in gm.graph.nodes if SPLIT_SIZES_KEY in n.meta)
     assert tuple(fused.meta["example_value"].shape) == (2, 32)
     assert "stack_trace" in fused.meta
+    # The pieces are views of the fused output: their strides say so.
+    assert all(p.meta["example_value"].stride() == (32, 1) for p in pieces)
 
 
 def test_fuse_groups_in_graph_order_is_deterministic():
