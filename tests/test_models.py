@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -97,3 +99,28 @@ def test_decoder_cross_attention_k_v_of_every_layer_lose_5():
     assert report.removed == 5
     (group,) = report.groups
     assert group.members == ("k.0", "v.0", "k.1", "v.1", "k.2", "v.2")
+
+
+def _through_backend(model, inner, *args, dynamic=False):
+    """Compile with fxfuse (training on: gradients needed), compare outputs and
+    every parameter's gradient with an eager twin."""
+    twin = copy.deepcopy(model)
+    be = fxfuse.backend(inner=inner)
+    out = torch.compile(model, backend=be, dynamic=dynamic)(*args)
+    ref = twin(*args)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    return be.report
+
+
+def test_gptj_block_inductor_with_gradients():
+    report = _through_backend(GPTJBlock(), "inductor", torch.randn(2, 5, 32))
+    assert report.removed == 3
+
+
+def test_cross_decoder_eager_with_gradients_and_dynamic_shapes():
+    report = _through_backend(CrossDecoder(), "eager", torch.randn(2, 4, 32), torch.randn(2, 6, 32), dynamic=True)
+    assert report.removed == 5
