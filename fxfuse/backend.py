@@ -91,7 +91,8 @@ class Backend:
 
     def fuse(self, gm: fx.GraphModule, inputs: Optional[FusedInputs] = None) -> FuseReport:
         try:
-            report = _fuse(gm, self.config, inputs)
+            # Dynamo traced under the grad mode the graph will run under.
+            report = _fuse(gm, self.config, inputs, runs_with_grad=torch.is_grad_enabled())
         except Exception as e:  # noqa: BLE001 - the user's compile must go on
             if self.config.strict:
                 raise

@@ -33,8 +33,11 @@ class FuseConfig:
     strict: re-raise errors inside the pass instead of compiling the graph
         unchanged.
     weights: see WEIGHT_MODES.
-    training: fuse groups whose weights need gradients ("cat" mode only). Off by
-        default: see docs/design.md for the measurement behind that choice.
+    training: in the backend, also fuse groups whose weights need gradients
+        (through an in-graph cat, which autograd can split). Off by default:
+        on an H100 that made a 4-layer LLaMA-7B-sized forward + backward
+        slower (0.953x, docs/benchmarks.md). `fuse_linears` on a bare graph
+        cannot know how the graph will run and always fuses.
     """
 
     min_group_size: int = 2
@@ -42,7 +45,7 @@ class FuseConfig:
     should_fuse: Optional[Callable[["Group"], bool]] = None
     strict: bool = False
     weights: str = "auto"
-    training: bool = True
+    training: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_group_size, int) or self.min_group_size < 2:

@@ -39,7 +39,7 @@ from .config import FuseConfig
 from .legality import Reason
 from .match import Group, Linear, find_linears, siblings, value_of
 from .report import FusedGroup, FuseReport
-from .rewrite import fuse_group
+from .rewrite import Rerouted, fuse_group
 
 __all__ = ["fuse_linears", "plan"]
 
@@ -76,8 +76,13 @@ def _place(
     return anchor, legality.check_no_mutation(gm, members, anchor, order, nodes)
 
 
-def plan(gm: fx.GraphModule, config: FuseConfig) -> tuple[list[tuple[Group, fx.Node]], Counter, int]:
+def plan(
+    gm: fx.GraphModule, config: FuseConfig, runs_with_grad: bool = False
+) -> tuple[list[tuple[Group, fx.Node]], Counter, int]:
     """Find the groups to fuse and where each goes. Does not touch the graph.
+
+    `runs_with_grad`: the graph will run with autograd recording (the backend
+    knows this from Dynamo; a bare graph does not), so `config.training` applies.
 
     Returns (groups with their insertion anchors, skipped calls by reason,
     number of linear calls).
@@ -95,7 +100,7 @@ def plan(gm: fx.GraphModule, config: FuseConfig) -> tuple[list[tuple[Group, fx.N
     for sibs in siblings(linears):
         ok = []
         for lin in sibs:
-            reason = legality.check_member(gm, lin, allow_grad=config.training)
+            reason = legality.check_member(gm, lin, allow_grad=config.training or not runs_with_grad)
             if reason is None:
                 ok.append(lin)
             else:
@@ -103,66 +108,102 @@ def plan(gm: fx.GraphModule, config: FuseConfig) -> tuple[list[tuple[Group, fx.N
         buckets = _buckets(gm, ok)
         largest = max(buckets, key=len, default=[])
         for bucket in buckets:
-            cap = config.max_group_size or len(bucket)
-            for start in range(0, len(bucket), cap):
-                members = bucket[start : start + cap]
-                if len(members) < config.min_group_size:
-                    why = legality.incompatibility(gm, largest[0], members[0]) if members[0] not in largest else None
-                    refuse(members, why or Reason.BELOW_MIN_GROUP_SIZE)
+            for group in _chunks(gm, bucket, config.max_group_size):
+                calls = group.calls
+                if len(calls) < config.min_group_size:
+                    why = legality.incompatibility(gm, largest[0], calls[0]) if calls[0] not in largest else None
+                    refuse(calls, why or Reason.BELOW_MIN_GROUP_SIZE)
                     continue
-                anchor, reason = _place(gm, members, order, nodes)
+                anchor, reason = _place(gm, calls, order, nodes)
+                if reason is None and config.should_fuse is not None and not config.should_fuse(group):
+                    reason = Reason.VETOED
                 if reason is not None:
-                    refuse(members, reason)
-                    continue
-                widths = [int(value_of(gm, m.weight).shape[0]) for m in members]  # type: ignore[union-attr]
-                group = Group(members[0].input, members, widths)
-                if config.should_fuse is not None and not config.should_fuse(group):
-                    refuse(members, Reason.VETOED)
+                    refuse(calls, reason)
                     continue
                 accepted.append((group, anchor))
     return accepted, skipped, len(linears)
 
 
-def _fuse(gm: fx.GraphModule, config: FuseConfig, weight_source: Optional[WeightSource] = None) -> FuseReport:
-    groups, skipped, before = plan(gm, config)
+def _chunks(gm: fx.GraphModule, bucket: list[Linear], cap: Optional[int]) -> list[Group]:
+    """Groups of at most `cap` distinct members; an exact duplicate (same
+    weight and bias) joins the group of the call it repeats, computed once."""
+    unique: list[Linear] = []
+    first: dict[tuple, int] = {}
+    dups: list[tuple[Linear, int]] = []
+    for lin in bucket:
+        key = (lin.weight, lin.bias)
+        if key in first:
+            dups.append((lin, first[key]))
+        else:
+            first[key] = len(unique)
+            unique.append(lin)
+    cap = cap or len(unique)
+    groups = []
+    for start in range(0, len(unique), cap):
+        members = unique[start : start + cap]
+        widths = [int(value_of(gm, m.weight).shape[0]) for m in members]  # type: ignore[union-attr]
+        own = [(d, i - start) for d, i in dups if start <= i < start + cap]
+        groups.append(Group(members[0].input, members, widths, own))
+    return groups
+
+
+def _fuse(
+    gm: fx.GraphModule,
+    config: FuseConfig,
+    weight_source: Optional[WeightSource] = None,
+    runs_with_grad: bool = False,
+) -> FuseReport:
+    groups, skipped, before = plan(gm, config, runs_with_grad)
     report = FuseReport(before=before, after=before, skipped=skipped, graphs=1)
     if not groups:
         return report
     graph = gm.graph
     existing = set(graph.nodes)
-    rerouted: list[tuple[fx.Node, fx.Node]] = []  # (member, replacement) for undo
+    rerouted: list[Rerouted] = []  # for undo
     fused_groups: list[FusedGroup] = []
     try:
         for group, anchor in groups:
             given = weight_source(gm, group) if weight_source is not None else None
             fuse_group(gm, group, anchor, *(given or (None, None)), rerouted=rerouted)
             fused_groups.append(FusedGroup(
-                tuple(group.names), tuple(group.widths),
-                tuple(m.bias is not None for m in group.members),
+                tuple(group.names),
+                tuple(group.widths) + tuple(group.widths[i] for _, i in group.duplicates),
+                tuple(m.bias is not None for m in group.calls),
                 "storage" if given else "cat",
             ))
         graph.lint()
-        for member, _ in reversed(rerouted):
-            graph.erase_node(member)
-        gm.recompile()
+        _erase_replaced(gm, [lin for g, _ in groups for lin in g.calls])
     except Exception as e:  # noqa: BLE001 - any failure must leave the graph intact
         _undo(gm, existing, rerouted)
         if config.strict:
             raise
         log.warning("fxfuse: rewrite failed, graph left unchanged: %r", e)
         report.errors.append(repr(e))
-        report.skipped[Reason.ERROR.value] += sum(len(g.members) for g, _ in groups)
+        report.skipped[Reason.ERROR.value] += sum(len(g.calls) for g, _ in groups)
         return report
     report.groups = fused_groups
     report.after = len(find_linears(gm))
     return report
 
 
-def _undo(gm: fx.GraphModule, existing: set[fx.Node], rerouted: list[tuple[fx.Node, fx.Node]]) -> None:
+def _erase_replaced(gm: fx.GraphModule, calls: list[Linear]) -> None:
+    """Erase the replaced calls, then what only served them (matmul, transpose)."""
+    graph = gm.graph
+    for lin in reversed(calls):
+        graph.erase_node(lin.node)
+    dead = {n for lin in calls for n in lin.dead if n is not lin.node}
+    for node in reversed(graph.nodes):
+        if node in dead and not node.users:
+            graph.erase_node(node)
+    gm.recompile()
+
+
+def _undo(gm: fx.GraphModule, existing: set[fx.Node], rerouted: list[Rerouted]) -> None:
     """Put the graph back: users return to the old members, new nodes go."""
     graph = gm.graph
-    for member, piece in reversed(rerouted):
-        piece.replace_all_uses_with(member)
+    for member, piece, users in reversed(rerouted):
+        for user in users:
+            user.replace_input_with(piece, member)
     for node in reversed(list(graph.nodes)):
         if node not in existing:
             graph.erase_node(node)

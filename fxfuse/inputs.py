@@ -40,6 +40,12 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     cls = _LazyGraphModule if isinstance(gm, _LazyGraphModule) else fx.GraphModule
     new = cls(gm, graph, gm.__class__.__name__)
     new.meta = dict(gm.meta)
+    # What Dynamo attaches besides the graph; AOTAutograd reads
+    # _param_name_to_source to find the static inputs (parameters, buffers,
+    # the KV cache) that CUDA graphs may read in place and mutate.
+    for attr in ("_param_name_to_source", "_source_to_user_stacks", "_backend_id"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
     for old, node in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")):
         if hasattr(old, "_dynamo_source"):
             node._dynamo_source = old._dynamo_source  # type: ignore[attr-defined]
@@ -109,6 +115,8 @@ class FusedInputs:
 
     def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[tuple[fx.Node, Optional[fx.Node]]]:
         """Weight source for `fuse_linears`: the fused weight/bias placeholders."""
+        if len(group.members) < 2:
+            return None  # duplicates of one call: the weight is used as it is
         w_idx = [self._arg(m.weight) for m in group.members]
         b_idx = [self._arg(m.bias) for m in group.members]
         has_bias = any(i is not None for i in b_idx)

@@ -70,7 +70,7 @@ def check_member(gm: fx.GraphModule, lin: Linear, allow_grad: bool) -> Optional[
             return Reason.TENSOR_SUBCLASS
         if tuple(b.shape) != (w.shape[0],) or b.dtype != w.dtype or b.device != w.device:
             return Reason.BAD_BIAS
-    if not allow_grad and torch.is_grad_enabled():
+    if not allow_grad:
         if w.requires_grad or (lin.bias is not None and value_of(gm, lin.bias).requires_grad):
             return Reason.NEEDS_GRAD
     return None
@@ -192,7 +192,7 @@ def insertion_point(members: list[Linear], order: dict[fx.Node, int], nodes: lis
 
     Returns the node to insert before, or None when no such place exists.
     """
-    first = min(order[m.node] for m in members)
+    first = min(order[m.reads] for m in members)  # type: ignore[index]
     operands = _nodes(o for m in members for o in m.operands)
     latest = max((order[o] for o in operands), default=-1)
     at = max(first, latest + 1)
@@ -200,9 +200,14 @@ def insertion_point(members: list[Linear], order: dict[fx.Node, int], nodes: lis
     return nodes[at] if at <= first_use and at < len(nodes) else None
 
 
+def _results(members: list[Linear]) -> set[fx.Node]:
+    """The nodes computing each member's result (with the matmul of ``x @ w.T + b``)."""
+    return {m.node for m in members} | {m.reads for m in members}  # type: ignore[misc]
+
+
 def check_independent(members: list[Linear], order: dict[fx.Node, int]) -> Optional[Reason]:
     """No member may (transitively) feed another member's weight or bias."""
-    member_nodes = {m.node for m in members}
+    member_nodes = _results(members)
     first = min(order[n] for n in member_nodes)
     ancestors = _ancestors_within(_nodes(o for m in members for o in m.operands), first, order)
     return Reason.MEMBER_DEPENDS_ON_MEMBER if ancestors & member_nodes else None
@@ -216,7 +221,7 @@ def check_no_mutation(
     nodes: list[fx.Node],
 ) -> Optional[Reason]:
     """Is it safe to compute all members at `anchor` instead of where they are?"""
-    member_nodes = {m.node for m in members}
+    member_nodes = _results(members)
     first = min(order[n] for n in member_nodes)
     # Every member now reads its operands at `anchor`: nothing that may write
     # to them (or to memory they alias) may run between `anchor` and any member.

@@ -4,6 +4,12 @@ Nothing here mutates the graph. A linear call is any of
 
     torch._C._nn.linear(x, w, b)      # F.linear; Dynamo graphs (w a placeholder)
     call_module[nn.Linear](x)         # symbolic_trace graphs (w a module attribute)
+    x @ w.T (+ b)                     # also torch.matmul / x.matmul, with w.t(),
+                                      # w.transpose(0, 1) or w.permute(1, 0)
+    torch.addmm(b, x, w.t())          # beta = alpha = 1
+
+where w is a 2-D weight and b a bias of its width (so Hugging Face's Falcon,
+which writes its linears as matmuls, fuses like F.linear).
 
 Siblings are linear calls whose input is the same node. They are returned per
 input, in graph order, so the pass is deterministic.
@@ -13,6 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional, Union
+
+import builtins
+import operator
 
 import torch
 from torch import fx
@@ -35,6 +44,16 @@ class Linear:
     weight: Operand
     bias: Optional[Operand]
     name: str  # the module path in the user's model, e.g. "layers.0.attention.wq"
+    # Where input and weight are read: `node` itself, or the matmul of
+    # ``x @ w.T + b`` whose result `node` adds the bias to.
+    reads: Optional[fx.Node] = None
+    # Nodes that only served this call (the matmul, the transpose): erased
+    # with it when nothing else uses them.
+    dead: tuple[fx.Node, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.reads is None:
+            self.reads = self.node
 
     @property
     def operands(self) -> list[Operand]:
@@ -46,12 +65,18 @@ class Group:
     """Sibling linears that will become one GEMM (a plain struct: no logic)."""
 
     input: fx.Node
-    members: list[Linear]
+    members: list[Linear]  # distinct (weight, bias) pairs, one GEMM slice each
     widths: list[int] = field(default_factory=list)  # out_features per member
+    # Exact duplicates (same input, weight and bias as members[i]): computed once.
+    duplicates: list[tuple[Linear, int]] = field(default_factory=list)
+
+    @property
+    def calls(self) -> list[Linear]:
+        return self.members + [d for d, _ in self.duplicates]
 
     @property
     def names(self) -> list[str]:
-        return [m.name for m in self.members]
+        return [m.name for m in self.calls]
 
 
 def _module_path(node: fx.Node) -> Optional[str]:
@@ -86,7 +111,68 @@ def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
             return None
         bias = f"{node.target}.bias" if mod.bias is not None else None
         return Linear(node, node.args[0], f"{node.target}.weight", bias, node.target)
-    return None
+    return _as_matmul_linear(gm, node)
+
+
+_MATMULS = (operator.matmul, torch.matmul)
+
+
+def _untransposed(gm: fx.GraphModule, n: object) -> Optional[fx.Node]:
+    """w if `n` is the transpose of a 2-D tensor w, else None."""
+    if not isinstance(n, fx.Node) or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    w, rest = n.args[0], tuple(n.args[1:])
+    if n.op == "call_method":
+        is_t = (n.target == "t" and not rest) or (
+            n.target in ("transpose", "permute") and rest in ((0, 1), (1, 0), (-1, -2), (-2, -1), ((1, 0),))
+        )
+    elif n.op == "call_function":
+        is_t = (n.target is torch.t and not rest) or (n.target is builtins.getattr and rest in (("T",), ("mT",)))
+        is_t = is_t or (n.target is torch.transpose and rest in ((0, 1), (1, 0), (-1, -2), (-2, -1)))
+    else:
+        return None
+    if not is_t or n.kwargs:
+        return None
+    v = value_of(gm, w)
+    return w if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+
+
+def _is_bias_for(gm: fx.GraphModule, b: object, w: fx.Node) -> bool:
+    vb, vw = value_of(gm, b) if isinstance(b, fx.Node) else None, value_of(gm, w)
+    return (
+        isinstance(vb, torch.Tensor) and isinstance(vw, torch.Tensor) and vb.dim() == 1
+        and vb.shape[0] == vw.shape[0] and vb.dtype == vw.dtype
+    )
+
+
+def _as_matmul_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
+    if node.kwargs or node.op not in ("call_function", "call_method"):
+        return None
+    if node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3:
+        b, x, wt = node.args
+        w = _untransposed(gm, wt)
+        if w is None or not isinstance(x, fx.Node) or not _is_bias_for(gm, b, w):
+            return None
+        return Linear(node, x, w, b, _module_path(node) or node.name, dead=(wt,))  # type: ignore[arg-type]
+    is_mm = (node.op == "call_function" and node.target in _MATMULS) or (
+        node.op == "call_method" and node.target == "matmul"
+    )
+    if not is_mm or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
+        return None
+    w = _untransposed(gm, node.args[1])
+    if w is None:
+        return None
+    x, name = node.args[0], _module_path(node) or node.name
+    # Fold a following bias add: ``x @ w.T + b`` is linear(x, w, b).
+    if len(node.users) == 1:
+        (add,) = node.users
+        if add.op == "call_function" and add.target in (operator.add, torch.add) and not add.kwargs:
+            args = list(add.args)
+            if len(args) == 2 and node in args:
+                b = args[1 - args.index(node)]
+                if _is_bias_for(gm, b, w):
+                    return Linear(add, x, w, b, name, reads=node, dead=(node, node.args[1]))  # type: ignore[arg-type]
+    return Linear(node, x, w, None, name, dead=(node.args[1],))  # type: ignore[arg-type]
 
 
 def find_linears(gm: fx.GraphModule) -> list[Linear]:

@@ -21,7 +21,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .match import Group, Operand, value_of
 
-__all__ = ["fuse_group", "SPLIT_SIZES_KEY"]
+__all__ = ["fuse_group", "Rerouted", "SPLIT_SIZES_KEY"]
+
+# (replaced node, its replacement, the users moved): enough to undo exactly.
+Rerouted = tuple[fx.Node, fx.Node, list[fx.Node]]
 
 # The fused GEMM node records its split sizes here, so later passes (tensor
 # parallelism, export) can cut the fused weight apart again.
@@ -90,14 +93,16 @@ def fuse_group(
     anchor: fx.Node,
     fused_weight: Optional[fx.Node] = None,
     fused_bias: Optional[fx.Node] = None,
-    rerouted: Optional[list[tuple[fx.Node, fx.Node]]] = None,
+    rerouted: Optional[list[Rerouted]] = None,
 ) -> fx.Node:
     """Insert the fused GEMM before `anchor` and reroute every member's users.
 
     The member nodes are left in place without users; the caller erases them
     once every group is rewritten (an anchor may be another group's member).
-    Each (member, replacement) pair is logged in `rerouted` before its users
-    move, so a failure can be undone. Returns the fused linear node.
+    Each move of users is logged in `rerouted` before it happens, so a
+    failure can be undone. Exact duplicates get their original's piece; a
+    group of one distinct member needs no concatenation and no split.
+    Returns the fused linear node.
     """
     graph = gm.graph
     members = group.members
@@ -106,7 +111,10 @@ def fuse_group(
     with graph.inserting_before(anchor):
         weight = fused_weight
         bias = fused_bias
-        if weight is None:
+        if weight is None and len(members) == 1:
+            weight = _operand_node(graph, members[0].weight)
+            bias = None if members[0].bias is None else _operand_node(graph, members[0].bias)
+        elif weight is None:
             ws = [_operand_node(graph, m.weight) for m in members]
             weight = graph.call_function(torch.cat, (ws,), {"dim": 0})
             new.append(weight)
@@ -122,24 +130,32 @@ def fuse_group(
                 bias = graph.call_function(torch.cat, (bs,), {"dim": 0})
                 new.append(bias)
         fused = graph.call_function(torch._C._nn.linear, (group.input, weight, bias))
-        parts = graph.call_function(torch.split, (fused, list(group.widths)), {"dim": -1})
-        outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+        if len(members) > 1:
+            parts = graph.call_function(torch.split, (fused, list(group.widths)), {"dim": -1})
+            outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+        else:
+            parts, outs = None, [fused]
     fused.meta[SPLIT_SIZES_KEY] = list(group.widths)
-    for n in new + [fused, parts]:
+    for n in new + [fused] + ([parts] if parts is not None else []):
         for k in _COPIED_META:
             if k in members[0].node.meta:
                 n.meta.setdefault(k, members[0].node.meta[k])
     for n in new:  # weight and bias concatenations: small, cheap to evaluate
         if key is not None and (val := _new_value(gm, n, key)) is not None:
             n.meta[key] = val
-    pieces = _output_values(group, key) if key is not None else None
+    pieces = _output_values(group, key) if key is not None and parts is not None else None
     for i, (m, out) in enumerate(zip(members, outs)):
-        out.meta.update(m.node.meta)  # each piece keeps its member's trace
+        if out is not fused:
+            out.meta.update(m.node.meta)  # each piece keeps its member's trace
+        elif key is not None and key in m.node.meta:
+            out.meta[key] = m.node.meta[key]
         if pieces is not None:
             out.meta[key] = pieces[1][i]
-        if rerouted is not None:
-            rerouted.append((m.node, out))
-        m.node.replace_all_uses_with(out)
-    if pieces is not None:
+    if pieces is not None and parts is not None:
         fused.meta[key], parts.meta[key] = pieces[0], tuple(pieces[1])
+    for m, out in list(zip(members, outs)) + [(d, outs[i]) for d, i in group.duplicates]:
+        users = list(m.node.users)
+        if rerouted is not None:
+            rerouted.append((m.node, out, users))
+        m.node.replace_all_uses_with(out)
     return fused

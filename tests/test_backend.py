@@ -41,7 +41,7 @@ def test_backend_matches_eager_no_grad(inner):
 def test_backend_gradients_match_eager(inner):
     model, t = llama(), tokens()
     twin = llama()
-    be = fxfuse.backend(inner=inner)
+    be = fxfuse.backend(inner=inner, training=True)
     out = torch.compile(model, backend=be)(t)
     ref = twin(t)
     torch.testing.assert_close(out, ref)
@@ -99,7 +99,7 @@ def test_backend_inner_callable_and_named():
 def test_backend_survives_a_failing_pass(monkeypatch, caplog):
     fb = sys.modules["fxfuse.backend"]  # the module; fxfuse.backend is the function
 
-    def broken(gm, config, inputs=None):
+    def broken(gm, config, inputs=None, runs_with_grad=False):
         raise RuntimeError("pass bug")
 
     monkeypatch.setattr(fb, "_fuse", broken)

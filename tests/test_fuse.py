@@ -158,3 +158,65 @@ def test_fuse_report_counters_and_table():
     assert counters["linear_calls_removed"] == 2 and counters["groups_fused"] == 1
     text = str(report)
     assert "3 -> 1 linear calls" in text and "lins.0+b, lins.1, lins.2" in text and "16+8+8" in text
+
+
+def test_fuse_matmul_forms_in_one_group():
+    def f(x, w1, w2, w3, w4, b1, b4):
+        a = x @ w1.T + b1
+        c = torch.matmul(x, w2.t())
+        d = x.matmul(w3.transpose(0, 1))
+        e = b4 + x @ w4.permute(1, 0)
+        g = F.linear(x, w2)  # an exact duplicate of c, in another form
+        return a, c, d, e, g
+
+    args = (torch.randn(2, 3, 8), *(torch.randn(n, 8) for n in (4, 6, 4, 2)), torch.randn(4), torch.randn(2))
+    gm, report = fuse_and_check(f, *args, expect_removed=4)
+    assert call_ops(gm).count("linear") == 1 and "matmul" not in call_ops(gm) and "add" not in call_ops(gm)
+    assert report.groups[0].bias == (True, False, False, True, False)
+    assert report.groups[0].widths == (4, 6, 4, 2, 6)
+
+
+def test_fuse_addmm_with_linear():
+    def f(x, w1, w2, b):
+        return torch.addmm(b, x, w1.t()), F.linear(x, w2)
+
+    gm, _ = fuse_and_check(f, torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 8), torch.randn(4),
+                           expect_removed=1)
+    assert "addmm" not in call_ops(gm)
+
+
+def test_fuse_matmul_add_that_is_not_a_bias_stays_an_add():
+    def f(x, w1, w2, c):
+        return x @ w1.T + c, F.linear(x, w2)  # c is [3, 4]: not a per-channel bias
+
+    gm, report = fuse_and_check(f, torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 8), torch.randn(3, 4),
+                                expect_removed=1)
+    assert "add" in call_ops(gm) and report.groups[0].bias == (False, False)
+
+
+def test_fuse_matmul_by_a_non_transposed_weight_is_not_a_linear():
+    def f(x, w1, w2):
+        return x @ w1, x @ w2  # [K, N] weights: matmuls, not linears
+
+    gm = capture(f, torch.randn(3, 8), torch.randn(8, 4), torch.randn(8, 4))
+    code = gm.code
+    report = fxfuse.fuse_linears(gm)
+    assert report.before == 0 and gm.code == code
+
+
+def test_fuse_exact_duplicates_computed_once():
+    def f(x, w, b, w2):
+        return F.linear(x, w, b), F.linear(x, w, b).relu(), F.linear(x, w2)
+
+    gm, report = fuse_and_check(f, torch.randn(3, 8), torch.randn(4, 8), torch.randn(4), torch.randn(2, 8),
+                                expect_removed=2)
+    assert call_ops(gm).count("linear") == 1
+    assert report.groups[0].members[:2] == ("linear", "linear_2") and len(report.groups[0].members) == 3
+
+
+def test_fuse_only_duplicates_needs_no_cat_or_split():
+    def f(x, w):
+        return F.linear(x, w), F.linear(x, w) * 2
+
+    gm, _ = fuse_and_check(f, torch.randn(3, 8), torch.randn(4, 8), expect_removed=1)
+    assert call_ops(gm) == ["linear", "mul"]

@@ -105,7 +105,7 @@ def _through_backend(model, inner, *args, dynamic=False):
     """Compile with fxfuse (training on: gradients needed), compare outputs and
     every parameter's gradient with an eager twin."""
     twin = copy.deepcopy(model)
-    be = fxfuse.backend(inner=inner)
+    be = fxfuse.backend(inner=inner, training=True)
     out = torch.compile(model, backend=be, dynamic=dynamic)(*args)
     ref = twin(*args)
     torch.testing.assert_close(out, ref)

@@ -91,10 +91,16 @@ def test_no_fuse_in_features_mismatch():
 
 
 def test_no_fuse_weights_need_grad_when_training_is_off():
+    # Only the backend knows the graph runs with autograd (Dynamo traced it so).
     model = Pair(nn.Linear(4, 3), nn.Linear(4, 3))
-    gm = torch.fx.symbolic_trace(model)
-    with torch.enable_grad():
-        assert_left_alone(gm, Reason.NEEDS_GRAD, 2, config=FuseConfig(training=False))
+    seen = []
+    be = fxfuse.backend(inner=lambda gm, ex: seen.append(gm.code) or gm.forward)
+    x = torch.randn(2, 4)
+    out = torch.compile(model, backend=be)(x)
+    torch.testing.assert_close(out, model(x))
+    assert be.report.removed == 0 and be.report.skipped == {Reason.NEEDS_GRAD.value: 2}
+    assert torch._dynamo.utils.counters["fxfuse_skipped"][Reason.NEEDS_GRAD.value] == 2
+    assert "split" not in seen[0] and seen[0].count("linear(") == 2
 
 
 def test_no_fuse_below_min_group_size():
