@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import fx
 
+from . import trace
 from .config import FuseConfig
 from .fuse import _fuse
 from .inputs import FusedInputs, copy_graph_module
@@ -77,31 +78,34 @@ class Backend:
             raise TypeError(
                 f"unexpected arguments {sorted(kwargs)}: pass options to fxfuse.backend(...) instead"
             )
-        if self.config.weights == "cat":
-            self.report.merge(self.fuse(gm))
-            return self._inner(gm, example_inputs)
-        work = copy_graph_module(gm)
-        inputs = FusedInputs(work, list(example_inputs))
-        self.report.merge(self.fuse(work, inputs))
-        if not inputs.slots:
-            return self._inner(work, example_inputs)
-        keep = inputs.prune()
-        compiled = self._inner(work, [example_inputs[i] for i in keep] + inputs.extra)
-        return inputs.wrap(compiled, keep)
-
-    def fuse(self, gm: fx.GraphModule, inputs: Optional[FusedInputs] = None) -> FuseReport:
+        before = trace.graph_text(gm) if trace.debug_enabled() else None
         try:
-            # Dynamo traced under the grad mode the graph will run under.
-            report = _fuse(gm, self.config, inputs, runs_with_grad=torch.is_grad_enabled())
+            compiled, report, after = self._fuse_and_compile(gm, example_inputs)
         except Exception as e:  # noqa: BLE001 - the user's compile must go on
             if self.config.strict:
                 raise
-            log.warning("fxfuse: pass failed, compiling the graph unchanged: %r", e)
+            # Dynamo's own graph was never touched: compile it as it is.
+            log.warning("fxfuse: %r; compiling the graph unchanged", e)
             n = count_linears(gm)
             report = FuseReport(before=n, after=n, graphs=1, errors=[repr(e)])
+            compiled, after = self._inner(gm, example_inputs), gm
         report.publish()
-        log.info("%s", report.summary())
-        return report
+        self.report.merge(report)
+        trace.show(report, after, before)
+        return compiled
+
+    def _fuse_and_compile(self, gm: fx.GraphModule, example_inputs: list) -> tuple[Callable, FuseReport, fx.GraphModule]:
+        """Fuse a copy of Dynamo's graph (Dynamo maps its own graph's
+        placeholders back to the frame afterwards) and compile the copy."""
+        work = copy_graph_module(gm)
+        inputs = FusedInputs(work, list(example_inputs)) if self.config.weights == "auto" else None
+        # Dynamo traced under the grad mode the graph will run under.
+        report = _fuse(work, self.config, inputs, runs_with_grad=torch.is_grad_enabled())
+        if inputs is None or not inputs.slots:
+            return self._inner(work, example_inputs), report, work
+        keep = inputs.prune()
+        compiled = self._inner(work, [example_inputs[i] for i in keep] + inputs.extra)
+        return inputs.wrap(compiled, keep), report, work
 
 
 def backend(**options: Any) -> Backend:

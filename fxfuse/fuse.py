@@ -95,7 +95,8 @@ def plan(
 
     def refuse(members: list[Linear], reason: Reason) -> None:
         skipped[reason.value] += len(members)
-        log.debug("not fusing %s: %s", [m.name for m in members], reason.value)
+        log.debug("fxfuse: not fusing %s (input %s): %s", ", ".join(m.name for m in members),
+                  members[0].input.name, reason.value)
 
     for sibs in siblings(linears):
         ok = []

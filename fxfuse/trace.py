@@ -1,0 +1,76 @@
+"""What fxfuse shows of its work: log lines under the logger "fxfuse" and
+structured artifacts for tlparse.
+
+    TORCH_LOGS="fxfuse"    one INFO line per compiled graph: linear calls
+                           before -> after and the groups fused
+    TORCH_LOGS="+fxfuse"   DEBUG adds the graph code after the rewrite (printed
+                           as TORCH_LOGS="graph_code" prints Dynamo's graphs),
+                           a unified diff before -> after, and every group left
+                           alone with its reason
+    TORCH_TRACE=DIR        the report (JSON) and the rewritten graph as
+                           artifacts "fxfuse_report" and "fxfuse_graph"
+
+TORCH_LOGS accepts the name because fxfuse is an importable module: torch then
+configures the "fxfuse" logger itself. Nothing is printed by default, and the
+graph text is only built when DEBUG is on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+from typing import Optional
+
+from torch import fx
+
+from .report import FuseReport
+
+__all__ = ["graph_text", "show"]
+
+log = logging.getLogger("fxfuse")
+
+
+def graph_text(gm: fx.GraphModule) -> str:
+    """The graph's Python code, as Dynamo's graph_code log prints it."""
+    try:
+        return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    except TypeError:  # older print_readable without these options
+        return gm.print_readable(print_output=False)
+
+
+def debug_enabled() -> bool:
+    return log.isEnabledFor(logging.DEBUG)
+
+
+def show(report: FuseReport, after: fx.GraphModule, before_text: Optional[str]) -> None:
+    """Log a compiled graph's report (and, at DEBUG, its code and diff) and
+    emit the tlparse artifacts."""
+    if log.isEnabledFor(logging.INFO):
+        groups = "; ".join("[" + ", ".join(g.members) + "]" for g in report.groups)
+        log.info("%s%s", report.summary(), f": {groups}" if groups else "")
+    after_text = graph_text(after) if before_text is not None else None
+    if after_text is not None and before_text is not None:
+        log.debug("===== fxfuse: graph after the rewrite =====\n%s", after_text)
+        diff = difflib.unified_diff(before_text.splitlines(), after_text.splitlines(),
+                                    "before fxfuse", "after fxfuse", lineterm="")
+        log.debug("===== fxfuse: diff =====\n%s", "\n".join(diff))
+    _artifacts(report, after)
+
+
+def _artifacts(report: FuseReport, after: fx.GraphModule) -> None:
+    from torch._logging import trace_structured
+
+    def report_json() -> str:
+        return json.dumps({
+            "before": report.before, "after": report.after, "removed": report.removed,
+            "groups": [dataclasses.asdict(g) for g in report.groups],
+            "skipped": dict(report.skipped), "errors": report.errors,
+        })
+
+    # payload functions run only when TORCH_TRACE is set.
+    trace_structured("artifact", metadata_fn=lambda: {"name": "fxfuse_report", "encoding": "json"},
+                     payload_fn=report_json)
+    trace_structured("artifact", metadata_fn=lambda: {"name": "fxfuse_graph", "encoding": "string"},
+                     payload_fn=lambda: graph_text(after))
