@@ -99,6 +99,10 @@ def plan(
                   members[0].input.name, reason.value)
 
     for sibs in siblings(linears):
+        reason = legality.check_rows(gm, sibs[0].input, config.max_rows)
+        if reason is not None:
+            refuse(sibs, reason)
+            continue
         ok = []
         for lin in sibs:
             reason = legality.check_member(gm, lin, allow_grad=config.training or not runs_with_grad)

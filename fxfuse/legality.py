@@ -36,6 +36,7 @@ class Reason(str, enum.Enum):
     IN_FEATURES_MISMATCH = "in_features_mismatch"
     NEEDS_GRAD = "weights_need_grad"
     BELOW_MIN_GROUP_SIZE = "below_min_group_size"
+    TOO_MANY_ROWS = "input_rows_above_max_rows"
     MEMBER_DEPENDS_ON_MEMBER = "member_depends_on_member"
     MUTATION_BETWEEN_MEMBERS = "mutation_between_members"
     NO_LEGAL_POSITION = "no_legal_position"
@@ -74,6 +75,24 @@ def check_member(gm: fx.GraphModule, lin: Linear, allow_grad: bool) -> Optional[
         if w.requires_grad or (lin.bias is not None and value_of(gm, lin.bias).requires_grad):
             return Reason.NEEDS_GRAD
     return None
+
+
+def check_rows(gm: fx.GraphModule, x: fx.Node, max_rows: Optional[int]) -> Optional[Reason]:
+    """Is the shared input small enough for fusing to pay (rows = all dims but the last)?
+
+    Symbolic row counts pass: a dynamic-shape graph serves decode steps too.
+    """
+    if max_rows is None:
+        return None
+    v = value_of(gm, x)
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return None
+    rows = 1
+    for d in v.shape[:-1]:
+        if not _is_static(d):
+            return None
+        rows *= d
+    return Reason.TOO_MANY_ROWS if rows > max_rows else None
 
 
 def incompatibility(gm: fx.GraphModule, a: Linear, b: Linear) -> Optional[Reason]:

@@ -187,3 +187,20 @@ def test_no_fuse_error_in_pass_restores_graph(monkeypatch):
     calls.clear()
     with pytest.raises(RuntimeError, match="boom"):
         fxfuse.fuse_linears(gm, FuseConfig(strict=True))
+
+
+def test_no_fuse_input_rows_above_max_rows():
+    model = Pair(nn.Linear(4, 3), nn.Linear(4, 3))
+    x = torch.randn(2, 5, 4)  # 10 rows
+    gm, inputs = capture_with_inputs(model, x)
+    assert_left_alone(gm, Reason.TOO_MANY_ROWS, 2, config=FuseConfig(max_rows=9), inputs=inputs)
+
+
+def test_fuse_at_max_rows_exactly():
+    model = Pair(nn.Linear(4, 3), nn.Linear(4, 3))
+    gm, inputs = capture_with_inputs(model, torch.randn(2, 5, 4))
+    with torch.no_grad():
+        expected = gm(*inputs)
+    assert fxfuse.fuse_linears(gm, FuseConfig(max_rows=10)).removed == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), expected)
