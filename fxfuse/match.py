@@ -22,6 +22,7 @@ from typing import Optional, Union
 
 import builtins
 import operator
+import re
 
 import torch
 from torch import fx
@@ -79,15 +80,17 @@ class Group:
         return [m.name for m in self.calls]
 
 
+_ROOT = re.compile(r"^L\[[^\]]*\](\[[^\]]*\])*\.?")
+
+
 def _module_path(node: fx.Node) -> Optional[str]:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    # Dynamo spells the root "L['self']" (or "L['mod']"); drop it.
-    if path.startswith("L['") and "]" in path:
-        path = path.split("]", 1)[1].lstrip(".")
-    return path or None
+    # Dynamo spells the root "L['self']", or "L['args'][0]" when the model was
+    # entered through a wrapper; drop it, keep the module path.
+    return _ROOT.sub("", path) or None
 
 
 def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:

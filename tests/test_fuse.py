@@ -220,3 +220,13 @@ def test_fuse_only_duplicates_needs_no_cat_or_split():
 
     gm, _ = fuse_and_check(f, torch.randn(3, 8), torch.randn(4, 8), expect_removed=1)
     assert call_ops(gm) == ["linear", "mul"]
+
+
+def test_fuse_member_names_are_module_paths_whatever_the_root():
+    model = Siblings()
+
+    def through_list(models, x):  # Dynamo names the root L['models'][0]
+        return models[0](x)
+
+    gm = capture(through_list, [model], torch.randn(2, 16))
+    assert fxfuse.fuse_linears(gm).groups[0].members == ("lins.0", "lins.1", "lins.2")
