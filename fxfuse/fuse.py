@@ -45,9 +45,10 @@ __all__ = ["fuse_linears", "plan"]
 
 log = logging.getLogger(__name__)
 
-# Given a group about to be rewritten, return the nodes of its fused weight and
-# bias (already in the graph), or None to concatenate in the graph.
-WeightSource = Callable[[fx.GraphModule, Group], Optional[tuple[fx.Node, Optional[fx.Node]]]]
+# Given a group about to be rewritten, return the nodes (already in the graph)
+# holding its fused "weight", "bias" and "scale", or None to concatenate them
+# in the graph.
+WeightSource = Callable[[fx.GraphModule, Group], Optional[dict[str, fx.Node]]]
 
 
 def _buckets(gm: fx.GraphModule, sibs: list[Linear]) -> list[list[Linear]]:
@@ -111,12 +112,13 @@ def plan(
             else:
                 refuse([lin], reason)
         buckets = _buckets(gm, ok)
-        largest = max(buckets, key=len, default=[])
         for bucket in buckets:
             for group in _chunks(gm, bucket, config.max_group_size):
                 calls = group.calls
                 if len(calls) < config.min_group_size:
-                    why = legality.incompatibility(gm, largest[0], calls[0]) if calls[0] not in largest else None
+                    # Too small because its siblings could not join it: say why.
+                    other = next((b for b in buckets if b is not bucket), None)
+                    why = legality.incompatibility(gm, other[0], calls[0]) if other else None
                     refuse(calls, why or Reason.BELOW_MIN_GROUP_SIZE)
                     continue
                 anchor, reason = _place(gm, calls, order, nodes)
@@ -169,7 +171,7 @@ def _fuse(
     try:
         for group, anchor in groups:
             given = weight_source(gm, group) if weight_source is not None else None
-            fuse_group(gm, group, anchor, *(given or (None, None)), rerouted=rerouted)
+            fuse_group(gm, group, anchor, given, rerouted=rerouted)
             fused_groups.append(FusedGroup(
                 tuple(group.names),
                 tuple(group.widths) + tuple(group.widths[i] for _, i in group.duplicates),

@@ -114,26 +114,25 @@ class FusedInputs:
             return -1  # autograd needs the member tensors themselves
         return i
 
-    def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[tuple[fx.Node, Optional[fx.Node]]]:
-        """Weight source for `fuse_linears`: the fused weight/bias placeholders."""
+    def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
+        """Weight source for `fuse_linears`: placeholders of the fused weight,
+        bias and scales, each one storage; None if any cannot be stored."""
         if len(group.members) < 2:
             return None  # duplicates of one call: the weight is used as it is
-        w_idx = [self._arg(m.weight) for m in group.members]
-        b_idx = [self._arg(m.bias) for m in group.members]
-        has_bias = any(i is not None for i in b_idx)
-        if -1 in w_idx or -1 in b_idx:
+        kinds = [k for k in ("weight", "bias", "scale") if any(getattr(m, k) is not None for m in group.members)]
+        idx = {k: [self._arg(getattr(m, k)) for m in group.members] for k in kinds}
+        if any(-1 in ix for ix in idx.values()):
             return None
+        storages: dict[str, Storage] = {}
         with unset_fake_temporarily():
-            ws = storage_for([self.example_inputs[i] for i in w_idx], group.widths)  # type: ignore[index]
-            bs = None
-            if has_bias and ws is not None:
-                bs = storage_for([None if i is None else self.example_inputs[i] for i in b_idx], group.widths)
-        if ws is None or (has_bias and bs is None):
-            return None
-        w_node = self._add_input(ws, w_idx, group)
-        b_node = self._add_input(bs, b_idx, group) if bs is not None else None
-        self.members += [self.placeholders[i] for i in w_idx + b_idx if i is not None]  # type: ignore[index]
-        return w_node, b_node
+            for k in kinds:
+                st = storage_for([None if i is None else self.example_inputs[i] for i in idx[k]], group.widths)
+                if st is None:
+                    return None
+                storages[k] = st
+        nodes = {k: self._add_input(storages[k], idx[k], group) for k in kinds}
+        self.members += [self.placeholders[i] for ix in idx.values() for i in ix if i is not None]
+        return nodes
 
     def _add_input(self, st: Storage, idx: list, group: Group) -> fx.Node:
         from torch._dynamo.source import ConstantSource

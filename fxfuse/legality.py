@@ -34,6 +34,7 @@ class Reason(str, enum.Enum):
     DTYPE_MISMATCH = "dtype_mismatch"
     DEVICE_MISMATCH = "device_mismatch"
     IN_FEATURES_MISMATCH = "in_features_mismatch"
+    QUANT_MISMATCH = "dequantization_mismatch"  # quantized and plain, or other cast/scale dtypes
     NEEDS_GRAD = "weights_need_grad"
     BELOW_MIN_GROUP_SIZE = "below_min_group_size"
     TOO_MANY_ROWS = "input_rows_above_max_rows"
@@ -63,17 +64,19 @@ def check_member(gm: fx.GraphModule, lin: Linear, allow_grad: bool) -> Optional[
         return Reason.WEIGHT_NOT_2D
     if not all(_is_static(s) for s in w.shape):
         return Reason.SYMBOLIC_SHAPE
-    if lin.bias is not None:
-        b = value_of(gm, lin.bias)
-        if not isinstance(b, torch.Tensor):
+    out_dtype = lin.cast or w.dtype
+    for vec in (lin.bias, lin.scale):  # per-output-channel vectors
+        if vec is None:
+            continue
+        v = value_of(gm, vec)
+        if not isinstance(v, torch.Tensor):
             return Reason.UNKNOWN_WEIGHT
-        if not _is_plain(b):
+        if not _is_plain(v):
             return Reason.TENSOR_SUBCLASS
-        if tuple(b.shape) != (w.shape[0],) or b.dtype != w.dtype or b.device != w.device:
+        if tuple(v.shape) != (w.shape[0],) or v.device != w.device or (vec is lin.bias and v.dtype != out_dtype):
             return Reason.BAD_BIAS
-    if not allow_grad:
-        if w.requires_grad or (lin.bias is not None and value_of(gm, lin.bias).requires_grad):
-            return Reason.NEEDS_GRAD
+    if not allow_grad and any(getattr(value_of(gm, o), "requires_grad", False) for o in lin.operands):
+        return Reason.NEEDS_GRAD
     return None
 
 
@@ -99,6 +102,9 @@ def incompatibility(gm: fx.GraphModule, a: Linear, b: Linear) -> Optional[Reason
     """Why `b` cannot share a GEMM with `a` (both passed `check_member`)."""
     wa, wb = value_of(gm, a.weight), value_of(gm, b.weight)
     assert isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor)
+    sa, sb = (value_of(gm, m.scale) if m.scale is not None else None for m in (a, b))
+    if a.cast != b.cast or (sa is None) != (sb is None) or (sa is not None and sa.dtype != sb.dtype):  # type: ignore[union-attr]
+        return Reason.QUANT_MISMATCH
     if wa.dtype != wb.dtype:
         return Reason.DTYPE_MISMATCH
     if wa.device != wb.device:

@@ -7,9 +7,13 @@ Nothing here mutates the graph. A linear call is any of
     x @ w.T (+ b)                     # also torch.matmul / x.matmul, with w.t(),
                                       # w.transpose(0, 1) or w.permute(1, 0)
     torch.addmm(b, x, w.t())          # beta = alpha = 1
+    linear(x, w.to(dt)) * s (+ b)     # weight-only quantization (int8 w, per-channel s)
 
 where w is a 2-D weight and b a bias of its width (so Hugging Face's Falcon,
-which writes its linears as matmuls, fuses like F.linear).
+which writes its linears as matmuls, fuses like F.linear). For the last form
+the member's weight is the stored (int8) tensor, `cast` the dtype it is
+dequantized to and `scale` its per-output-channel scales: the fused GEMM
+concatenates the stored weights and the scales, not the dequantized weights.
 
 Siblings are linear calls whose input is the same node. They are returned per
 input, in graph order, so the pass is deterministic.
@@ -51,6 +55,8 @@ class Linear:
     # Nodes that only served this call (the matmul, the transpose): erased
     # with it when nothing else uses them.
     dead: tuple[fx.Node, ...] = ()
+    cast: Optional[torch.dtype] = None  # ``w.to(cast)`` before the GEMM
+    scale: Optional[Operand] = None  # per-output-channel scales after the GEMM
 
     def __post_init__(self) -> None:
         if self.reads is None:
@@ -58,7 +64,7 @@ class Linear:
 
     @property
     def operands(self) -> list[Operand]:
-        return [self.weight] + ([self.bias] if self.bias is not None else [])
+        return [o for o in (self.weight, self.bias, self.scale) if o is not None]
 
 
 @dataclass
@@ -104,6 +110,8 @@ def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
             return None
         if b is not None and not isinstance(b, fx.Node):
             return None
+        if (q := _as_dequant_linear(gm, node, x, w, b)) is not None:
+            return q
         return Linear(node, x, w, b, _module_path(node) or node.name)
     if node.op == "call_module" and isinstance(node.target, str):
         mod = gm.get_submodule(node.target)
@@ -115,6 +123,66 @@ def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
         bias = f"{node.target}.bias" if mod.bias is not None else None
         return Linear(node, node.args[0], f"{node.target}.weight", bias, node.target)
     return _as_matmul_linear(gm, node)
+
+
+def _cast_of(n: fx.Node) -> Optional[tuple[fx.Node, torch.dtype]]:
+    """(w, dtype) if `n` is ``w.to(dtype)`` / ``w.to(dtype=dtype)``, else None."""
+    if n.op != "call_method" or n.target != "to" or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    rest, kwargs = n.args[1:], dict(n.kwargs)
+    dtype = kwargs.pop("dtype", rest[0] if len(rest) == 1 else None)
+    if kwargs or len(rest) > (0 if "dtype" in n.kwargs else 1) or not isinstance(dtype, torch.dtype):
+        return None
+    return n.args[0], dtype
+
+
+def _as_dequant_linear(
+    gm: fx.GraphModule, node: fx.Node, x: fx.Node, wc: fx.Node, b: Optional[fx.Node]
+) -> Optional[Linear]:
+    """``linear(x, w.to(dt), b)``, or ``linear(x, w.to(dt)) * s (+ b)`` with
+    per-channel scales s: the member's weight is the stored 2-D w."""
+    cast = _cast_of(wc)
+    if cast is None:
+        return None
+    w, dtype = cast
+    vw = value_of(gm, w)
+    if not isinstance(vw, torch.Tensor) or vw.dim() != 2 or vw.dtype == dtype:
+        return None
+    name = _module_path(node) or node.name
+    scaled = _scaled(gm, node, vw.shape[0]) if b is None else None
+    if scaled is None:
+        return Linear(node, x, w, b, name, dead=(wc,), cast=dtype)
+    out, s, b, dead = scaled
+    return Linear(out, x, w, b, name, reads=node, dead=(wc, *dead), cast=dtype, scale=s)
+
+
+def _per_channel(gm: fx.GraphModule, n: object, width: int) -> bool:
+    v = value_of(gm, n) if isinstance(n, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == width
+
+
+def _other_operand(user: fx.Node, node: fx.Node, ops: tuple) -> Optional[object]:
+    """The other operand of a binary ``user = node <op> other`` (op in `ops`)."""
+    if user.op != "call_function" or user.target not in ops or user.kwargs or len(user.args) != 2:
+        return None
+    args = list(user.args)
+    return args[1 - args.index(node)] if node in args else None
+
+
+def _scaled(gm: fx.GraphModule, node: fx.Node, width: int) -> Optional[tuple]:
+    """(result, scales, bias, dead) for ``node * s (+ b)``, or None."""
+    if len(node.users) != 1:
+        return None
+    (mul,) = node.users
+    s = _other_operand(mul, node, (operator.mul, torch.mul))
+    if not _per_channel(gm, s, width):
+        return None
+    if len(mul.users) == 1:  # a bias added after the scale
+        (add,) = mul.users
+        bias = _other_operand(add, mul, (operator.add, torch.add))
+        if _per_channel(gm, bias, width):
+            return add, s, bias, (node, mul)
+    return mul, s, None, (node,)
 
 
 _MATMULS = (operator.matmul, torch.matmul)

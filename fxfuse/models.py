@@ -4,7 +4,8 @@
 way most model code is written); `Transformer(cfg, hand_fused=True)` writes
 q/k/v as one ``wqkv`` and gate/up as one ``w13`` followed by a split, the way
 gpt-fast and torchao fuse by hand. `load_hand_fused` copies the weights of the
-first into the second so both compute the same function.
+first into the second so both compute the same function. `quantize_int8`
+turns the linears of either into gpt-fast-style weight-only int8 linears.
 
 Decode uses a static KV cache (fixed shapes, so CUDA graphs can replay it).
 Weights are random: nothing is downloaded.
@@ -13,12 +14,13 @@ Weights are random: nothing is downloaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LlamaConfig", "Transformer", "load_hand_fused"]
+__all__ = ["LlamaConfig", "Transformer", "load_hand_fused", "Int8Linear", "quantize_int8"]
 
 
 @dataclass(frozen=True)
@@ -194,3 +196,30 @@ def load_hand_fused(fused: Transformer, plain: Transformer) -> Transformer:
     fused.norm.weight.copy_(plain.norm.weight)
     fused.output.weight.copy_(plain.output.weight)
     return fused
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear, as gpt-fast writes it: an int8 weight with one
+    scale per output channel, dequantized on the fly."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None) -> None:
+        super().__init__()
+        scales = weight.detach().abs().amax(dim=1).clamp(min=1e-8) / 127
+        q = torch.round(weight.detach() / scales[:, None]).clamp(-128, 127).to(torch.int8)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.to(weight.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
+        return y + self.bias if self.bias is not None else y
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ("output",)) -> nn.Module:
+    """Replace every nn.Linear (but those named in `skip`) by an `Int8Linear`, in place."""
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) is nn.Linear and child_name not in skip:
+                setattr(mod, child_name, Int8Linear(child.weight, child.bias))
+    return model

@@ -38,7 +38,7 @@ def _value_key(group: Group) -> Optional[str]:
 
 
 def _new_value(gm: fx.GraphModule, node: fx.Node, key: str) -> Any:
-    """Fake value of a weight or bias concatenation (``cat`` or ``new_zeros``),
+    """Fake value of a weight-side node (``cat``, ``new_zeros``, ``to``),
     built from its inputs' shapes; None if an input has no fake value (e.g. a
     symbolic_trace graph)."""
     inputs = [value_of(gm, n) if n.op == "get_attr" else n.meta.get(key) for n in node.all_input_nodes]
@@ -46,11 +46,14 @@ def _new_value(gm: fx.GraphModule, node: fx.Node, key: str) -> Any:
     if not fakes or len(fakes) != len(inputs):
         return None
     ref = fakes[0]
+    dtype = node.kwargs.get("dtype") or ref.dtype
     if node.target == "new_zeros":
         shape: tuple = tuple(node.args[1])  # type: ignore[arg-type]
+    elif node.target == "to":
+        shape = tuple(ref.shape)
     else:
         shape = (sum(v.shape[0] for v in fakes), *ref.shape[1:])
-    return _fake_empty(ref, shape, ref.dtype)[0]
+    return _fake_empty(ref, shape, dtype)[0]  # type: ignore[arg-type]
 
 
 def _fake_empty(ref: FakeTensor, shape: tuple, dtype: torch.dtype, split: Optional[list[int]] = None) -> list[Any]:
@@ -68,21 +71,6 @@ def _fake_empty(ref: FakeTensor, shape: tuple, dtype: torch.dtype, split: Option
         return [out, *(out.split(split, dim=-1) if split is not None else [])]
 
 
-def _output_values(group: Group, key: str) -> Optional[tuple[Any, list[Any]]]:
-    """Fake values of the fused output and of its split pieces.
-
-    Built from the members' own output values rather than by running linear
-    under the fake mode, which costs about a millisecond a group.
-    """
-    outs = [m.node.meta.get(key) for m in group.members]
-    if not all(isinstance(v, FakeTensor) for v in outs):
-        return None
-    ref = outs[0]
-    shape = (*ref.shape[:-1], sum(group.widths))
-    fused, *pieces = _fake_empty(ref, shape, ref.dtype, list(group.widths))  # pieces: strided views
-    return fused, pieces
-
-
 def _operand_node(graph: fx.Graph, op: Operand) -> fx.Node:
     return graph.get_attr(op) if isinstance(op, str) else op
 
@@ -91,11 +79,16 @@ def fuse_group(
     gm: fx.GraphModule,
     group: Group,
     anchor: fx.Node,
-    fused_weight: Optional[fx.Node] = None,
-    fused_bias: Optional[fx.Node] = None,
+    given: Optional[dict[str, fx.Node]] = None,
     rerouted: Optional[list[Rerouted]] = None,
 ) -> fx.Node:
     """Insert the fused GEMM before `anchor` and reroute every member's users.
+
+    `given` maps "weight" / "bias" / "scale" to nodes that already hold the
+    fused tensor (the backend's storages); anything not given is concatenated
+    in the graph. For dequantized members (``linear(x, w.to(dt)) * s + b``)
+    the stored weights and the scales are concatenated, then cast, multiplied
+    and biased once.
 
     The member nodes are left in place without users; the caller erases them
     once every group is rewritten (an anchor may be another group's member).
@@ -105,57 +98,88 @@ def fuse_group(
     Returns the fused linear node.
     """
     graph = gm.graph
-    members = group.members
+    members, ref = group.members, group.members[0]
     key = _value_key(group)
-    new: list[fx.Node] = []
+    given = given or {}
+    new: list[fx.Node] = []  # weight-side nodes, given fake values below
+    out_dtype = ref.cast or getattr(value_of(gm, ref.weight), "dtype", None)
+
+    def stacked(kind: str) -> Optional[fx.Node]:
+        if kind in given:
+            return given[kind]
+        ops = [getattr(m, kind) for m in members]
+        if all(o is None for o in ops):
+            return None
+        if len(members) == 1:
+            return _operand_node(graph, ops[0])
+        nodes = []
+        for m, o, n in zip(members, ops, group.widths):
+            if o is None:  # a missing bias counts as zeros of that member's width
+                w = _operand_node(graph, m.weight)
+                nodes.append(graph.call_method("new_zeros", (w, (n,)), {"dtype": out_dtype}))
+                new.append(nodes[-1])
+            else:
+                nodes.append(_operand_node(graph, o))
+        new.append(graph.call_function(torch.cat, (nodes,), {"dim": 0}))
+        return new[-1]
+
     with graph.inserting_before(anchor):
-        weight = fused_weight
-        bias = fused_bias
-        if weight is None and len(members) == 1:
-            weight = _operand_node(graph, members[0].weight)
-            bias = None if members[0].bias is None else _operand_node(graph, members[0].bias)
-        elif weight is None:
-            ws = [_operand_node(graph, m.weight) for m in members]
-            weight = graph.call_function(torch.cat, (ws,), {"dim": 0})
+        weight, bias, scale = stacked("weight"), stacked("bias"), stacked("scale")
+        if ref.cast is not None:
+            weight = graph.call_method("to", (weight,), {"dtype": ref.cast})
             new.append(weight)
-            if any(m.bias is not None for m in members):
-                # A missing bias counts as zeros of that member's width.
-                bs = []
-                for m, w, n in zip(members, ws, group.widths):
-                    if m.bias is not None:
-                        bs.append(_operand_node(graph, m.bias))
-                    else:
-                        bs.append(graph.call_method("new_zeros", (w, (n,))))
-                        new.append(bs[-1])
-                bias = graph.call_function(torch.cat, (bs,), {"dim": 0})
-                new.append(bias)
-        fused = graph.call_function(torch._C._nn.linear, (group.input, weight, bias))
+        fused = graph.call_function(torch._C._nn.linear, (group.input, weight, bias if scale is None else None))
+        out, after = fused, []
+        if scale is not None:
+            out = graph.call_function(operator.mul, (out, scale))
+            after.append(out)
+            if bias is not None:
+                out = graph.call_function(operator.add, (out, bias))
+                after.append(out)
         if len(members) > 1:
-            parts = graph.call_function(torch.split, (fused, list(group.widths)), {"dim": -1})
+            parts = graph.call_function(torch.split, (out, list(group.widths)), {"dim": -1})
             outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
         else:
-            parts, outs = None, [fused]
+            parts, outs = None, [out]
     fused.meta[SPLIT_SIZES_KEY] = list(group.widths)
-    for n in new + [fused] + ([parts] if parts is not None else []):
+    for n in new + [fused] + after + ([parts] if parts is not None else []):
         for k in _COPIED_META:
-            if k in members[0].node.meta:
-                n.meta.setdefault(k, members[0].node.meta[k])
-    for n in new:  # weight and bias concatenations: small, cheap to evaluate
-        if key is not None and (val := _new_value(gm, n, key)) is not None:
-            n.meta[key] = val
-    pieces = _output_values(group, key) if key is not None and parts is not None else None
-    for i, (m, out) in enumerate(zip(members, outs)):
-        if out is not fused:
-            out.meta.update(m.node.meta)  # each piece keeps its member's trace
-        elif key is not None and key in m.node.meta:
-            out.meta[key] = m.node.meta[key]
-        if pieces is not None:
-            out.meta[key] = pieces[1][i]
-    if pieces is not None and parts is not None:
-        fused.meta[key], parts.meta[key] = pieces[0], tuple(pieces[1])
-    for m, out in list(zip(members, outs)) + [(d, outs[i]) for d, i in group.duplicates]:
+            if k in ref.node.meta:
+                n.meta.setdefault(k, ref.node.meta[k])
+    if key is not None:
+        for n in new:  # weight-side concatenations and casts: cheap to evaluate
+            if (val := _new_value(gm, n, key)) is not None:
+                n.meta[key] = val
+        _set_output_values(group, key, [fused, *after], parts, outs)
+    for m, piece in list(zip(members, outs)) + [(d, outs[i]) for d, i in group.duplicates]:
         users = list(m.node.users)
         if rerouted is not None:
-            rerouted.append((m.node, out, users))
-        m.node.replace_all_uses_with(out)
+            rerouted.append((m.node, piece, users))
+        m.node.replace_all_uses_with(piece)
     return fused
+
+
+def _set_output_values(
+    group: Group, key: str, chain: list[fx.Node], parts: Optional[fx.Node], outs: list[fx.Node]
+) -> None:
+    """Fake values of the fused output chain and of its split pieces.
+
+    Built from the members' own output values rather than by running linear
+    under the fake mode, which costs about a millisecond a group.
+    """
+    vals = [m.node.meta.get(key) for m in group.members]
+    for m, out in zip(group.members, outs):
+        if out.op == "call_function" and out.target is operator.getitem:
+            out.meta.update(m.node.meta)  # each piece keeps its member's trace
+    if not all(isinstance(v, FakeTensor) for v in vals):
+        return
+    ref = vals[0]
+    shape = (*ref.shape[:-1], sum(group.widths))
+    for n in chain:
+        n.meta[key] = _fake_empty(ref, shape, ref.dtype)[0]
+    if parts is None:  # one distinct member: its output is the chain's end
+        return
+    _, *pieces = _fake_empty(ref, shape, ref.dtype, list(group.widths))  # strided views, as at run time
+    parts.meta[key] = tuple(pieces)
+    for out, piece in zip(outs, pieces):
+        out.meta[key] = piece
