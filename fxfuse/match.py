@@ -101,6 +101,10 @@ def _module_path(node: fx.Node) -> Optional[str]:
 
 def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
     """The `Linear` view of `node`, or None if it is not a recognised linear."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        from .aten import as_aten_linear
+
+        return as_aten_linear(gm, node, value_of, Linear)
     if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
         args = list(node.args) + [None] * (3 - len(node.args))
         x = node.kwargs.get("input", args[0])

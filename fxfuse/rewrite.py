@@ -6,19 +6,22 @@ becomes
     qk = linear(x, w, b); parts = split(qk, [nq, nk], -1)
     q = parts[0]; k = parts[1]
 
-unless the caller passes the fused weight (and bias) nodes itself, as the
-backend does when the weights already live in one storage.
+in the members' dialect: torch functions for Dynamo and symbolic_trace
+graphs, aten ops for AOT and exported graphs (see aten.py). The caller may
+pass the fused weight (bias, scales) nodes itself, as the backend does when
+the weights already live in one storage.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .aten import emit_aten, is_aten_group
 from .match import Group, Operand, value_of
 
 __all__ = ["fuse_group", "Rerouted", "SPLIT_SIZES_KEY"]
@@ -30,30 +33,24 @@ Rerouted = tuple[fx.Node, fx.Node, list[fx.Node]]
 # parallelism, export) can cut the fused weight apart again.
 SPLIT_SIZES_KEY = "fxfuse_split_sizes"
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+aten, prims = torch.ops.aten, torch.ops.prims
+
+# Weight-side ops per dialect: concatenate along dim 0, zeros of a width, cast.
+_TORCH: dict[str, Callable[..., fx.Node]] = {
+    "cat": lambda g, ns: g.call_function(torch.cat, (ns,), {"dim": 0}),
+    "zeros": lambda g, w, n, dt: g.call_method("new_zeros", (w, (n,)), {"dtype": dt}),
+    "cast": lambda g, w, dt: g.call_method("to", (w,), {"dtype": dt}),
+}
+_ATEN: dict[str, Callable[..., fx.Node]] = {
+    "cat": lambda g, ns: g.call_function(aten.cat.default, (ns, 0)),
+    "zeros": lambda g, w, n, dt: g.call_function(aten.new_zeros.default, (w, [n]), {"dtype": dt}),
+    "cast": lambda g, w, dt: g.call_function(prims.convert_element_type.default, (w, dt)),
+}
 
 
 def _value_key(group: Group) -> Optional[str]:
     meta = group.members[0].node.meta
     return next((k for k in ("val", "example_value") if k in meta), None)
-
-
-def _new_value(gm: fx.GraphModule, node: fx.Node, key: str) -> Any:
-    """Fake value of a weight-side node (``cat``, ``new_zeros``, ``to``),
-    built from its inputs' shapes; None if an input has no fake value (e.g. a
-    symbolic_trace graph)."""
-    inputs = [value_of(gm, n) if n.op == "get_attr" else n.meta.get(key) for n in node.all_input_nodes]
-    fakes = [v for v in inputs if isinstance(v, FakeTensor)]
-    if not fakes or len(fakes) != len(inputs):
-        return None
-    ref = fakes[0]
-    dtype = node.kwargs.get("dtype") or ref.dtype
-    if node.target == "new_zeros":
-        shape: tuple = tuple(node.args[1])  # type: ignore[arg-type]
-    elif node.target == "to":
-        shape = tuple(ref.shape)
-    else:
-        shape = (sum(v.shape[0] for v in fakes), *ref.shape[1:])
-    return _fake_empty(ref, shape, dtype)[0]  # type: ignore[arg-type]
 
 
 def _fake_empty(ref: FakeTensor, shape: tuple, dtype: torch.dtype, split: Optional[list[int]] = None) -> list[Any]:
@@ -95,14 +92,18 @@ def fuse_group(
     Each move of users is logged in `rerouted` before it happens, so a
     failure can be undone. Exact duplicates get their original's piece; a
     group of one distinct member needs no concatenation and no split.
-    Returns the fused linear node.
+    Returns the fused GEMM node.
     """
     graph = gm.graph
     members, ref = group.members, group.members[0]
     key = _value_key(group)
     given = given or {}
-    new: list[fx.Node] = []  # weight-side nodes, given fake values below
-    out_dtype = ref.cast or getattr(value_of(gm, ref.weight), "dtype", None)
+    dialect = _ATEN if is_aten_group(members) else _TORCH
+    w0 = value_of(gm, ref.weight)
+    out_dtype = ref.cast or w0.dtype  # type: ignore[union-attr]
+    k_dims = tuple(w0.shape[1:])  # type: ignore[union-attr]
+    n_total = sum(group.widths)
+    made: list[tuple[fx.Node, tuple, torch.dtype]] = []  # weight-side nodes: shape, dtype
 
     def stacked(kind: str) -> Optional[fx.Node]:
         if kind in given:
@@ -112,45 +113,47 @@ def fuse_group(
             return None
         if len(members) == 1:
             return _operand_node(graph, ops[0])
-        nodes = []
+        nodes, dtype = [], out_dtype
         for m, o, n in zip(members, ops, group.widths):
             if o is None:  # a missing bias counts as zeros of that member's width
-                w = _operand_node(graph, m.weight)
-                nodes.append(graph.call_method("new_zeros", (w, (n,)), {"dtype": out_dtype}))
-                new.append(nodes[-1])
+                nodes.append(dialect["zeros"](graph, _operand_node(graph, m.weight), n, out_dtype))
+                made.append((nodes[-1], (n,), out_dtype))
             else:
                 nodes.append(_operand_node(graph, o))
-        new.append(graph.call_function(torch.cat, (nodes,), {"dim": 0}))
-        return new[-1]
+                dtype = getattr(value_of(gm, o), "dtype", dtype)
+        cat = dialect["cat"](graph, nodes)
+        made.append((cat, (n_total, *k_dims) if kind == "weight" else (n_total,), dtype))
+        return cat
 
     with graph.inserting_before(anchor):
         weight, bias, scale = stacked("weight"), stacked("bias"), stacked("scale")
         if ref.cast is not None:
-            weight = graph.call_method("to", (weight,), {"dtype": ref.cast})
-            new.append(weight)
-        fused = graph.call_function(torch._C._nn.linear, (group.input, weight, bias if scale is None else None))
-        out, after = fused, []
-        if scale is not None:
-            out = graph.call_function(operator.mul, (out, scale))
-            after.append(out)
-            if bias is not None:
-                out = graph.call_function(operator.add, (out, bias))
-                after.append(out)
-        if len(members) > 1:
-            parts = graph.call_function(torch.split, (out, list(group.widths)), {"dim": -1})
-            outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+            weight = dialect["cast"](graph, weight, ref.cast)
+            made.append((weight, (n_total, *k_dims), ref.cast))
+        gemm_bias = bias if scale is None else None
+        if dialect is _ATEN:
+            fused, parts, outs = emit_aten(graph, members, group.input, weight, gemm_bias, list(group.widths))
+            chain = [fused]
         else:
-            parts, outs = None, [out]
+            fused = graph.call_function(torch._C._nn.linear, (group.input, weight, gemm_bias))
+            chain = [fused]
+            if scale is not None:
+                chain.append(graph.call_function(operator.mul, (chain[-1], scale)))
+                if bias is not None:
+                    chain.append(graph.call_function(operator.add, (chain[-1], bias)))
+            parts, outs = None, [chain[-1]]
+            if len(members) > 1:
+                parts = graph.call_function(torch.split, (chain[-1], list(group.widths)), {"dim": -1})
+                outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
     fused.meta[SPLIT_SIZES_KEY] = list(group.widths)
-    for n in new + [fused] + after + ([parts] if parts is not None else []):
+    new_nodes = [n for n, _, _ in made] + chain + ([parts] if parts is not None else [])
+    new_nodes += [n for n in fused.all_input_nodes if n.op == "call_function" and not n.meta]  # aten permute
+    for n in new_nodes:
         for k in _COPIED_META:
             if k in ref.node.meta:
                 n.meta.setdefault(k, ref.node.meta[k])
     if key is not None:
-        for n in new:  # weight-side concatenations and casts: cheap to evaluate
-            if (val := _new_value(gm, n, key)) is not None:
-                n.meta[key] = val
-        _set_output_values(group, key, [fused, *after], parts, outs)
+        _set_values(gm, group, key, made, fused, chain, parts, outs)
     for m, piece in list(zip(members, outs)) + [(d, outs[i]) for d, i in group.duplicates]:
         users = list(m.node.users)
         if rerouted is not None:
@@ -159,27 +162,32 @@ def fuse_group(
     return fused
 
 
-def _set_output_values(
-    group: Group, key: str, chain: list[fx.Node], parts: Optional[fx.Node], outs: list[fx.Node]
-) -> None:
-    """Fake values of the fused output chain and of its split pieces.
-
-    Built from the members' own output values rather than by running linear
-    under the fake mode, which costs about a millisecond a group.
-    """
-    vals = [m.node.meta.get(key) for m in group.members]
+def _set_values(gm: fx.GraphModule, group: Group, key: str, made: list, fused: fx.Node,
+                chain: list[fx.Node], parts: Optional[fx.Node], outs: list[fx.Node]) -> None:
+    """Fake values for the new nodes, built from shapes the group already
+    knows rather than by running the ops under the fake mode (which costs
+    about a millisecond a group). The pieces are strided views, as at run time."""
     for m, out in zip(group.members, outs):
         if out.op == "call_function" and out.target is operator.getitem:
             out.meta.update(m.node.meta)  # each piece keeps its member's trace
+    vals = [m.node.meta.get(key) for m in group.members]
     if not all(isinstance(v, FakeTensor) for v in vals):
         return
     ref = vals[0]
+    for node, shape, dtype in made:
+        node.meta[key] = _fake_empty(ref, shape, dtype)[0]
+    for n in fused.all_input_nodes:  # aten: the permute of the fused weight
+        if key not in n.meta and n.op == "call_function" and n.target is aten.permute.default:
+            w = n.args[0].meta.get(key) if isinstance(n.args[0], fx.Node) else None
+            if isinstance(w, torch.Tensor):
+                n.meta[key] = _fake_empty(ref, (w.shape[1], w.shape[0]), w.dtype)[0]
+    # The fused output has the members' leading dims (2-D for aten mm/addmm).
     shape = (*ref.shape[:-1], sum(group.widths))
     for n in chain:
         n.meta[key] = _fake_empty(ref, shape, ref.dtype)[0]
     if parts is None:  # one distinct member: its output is the chain's end
         return
-    _, *pieces = _fake_empty(ref, shape, ref.dtype, list(group.widths))  # strided views, as at run time
-    parts.meta[key] = tuple(pieces)
+    _, *pieces = _fake_empty(ref, shape, ref.dtype, list(group.widths))
+    parts.meta[key] = tuple(pieces) if parts.target is torch.split else list(pieces)
     for out, piece in zip(outs, pieces):
         out.meta[key] = piece

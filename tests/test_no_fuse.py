@@ -168,15 +168,15 @@ def test_no_fuse_vetoed_by_should_fuse():
 def test_no_fuse_error_in_pass_restores_graph(monkeypatch):
     import fxfuse.rewrite
 
-    real, calls = fxfuse.rewrite._new_value, []
+    real, calls = fxfuse.rewrite._set_values, []
 
-    def fails_in_second_group(gm, node, key):
-        calls.append(node)
-        if len(calls) > 1:  # the first group's weight concatenation succeeds
+    def fails_in_second_group(*args):
+        calls.append(args)
+        if len(calls) > 1:  # the first group is rewritten, the second fails half-way
             raise RuntimeError("boom")
-        return real(gm, node, key)
+        return real(*args)
 
-    monkeypatch.setattr(fxfuse.rewrite, "_new_value", fails_in_second_group)
+    monkeypatch.setattr(fxfuse.rewrite, "_set_values", fails_in_second_group)
 
     def f(x, y, w1, w2):
         return F.linear(x, w1), F.linear(x, w2), F.linear(y, w1), F.linear(y, w2)
