@@ -9,6 +9,7 @@ entry point, and nothing is registered or configured at import.
 from .backend import Backend, backend
 from .config import FuseConfig
 from .fuse import fuse_linears
+from .inductor import FxfusePass, inductor_pass, installed
 from .legality import Reason
 from .match import Group
 from .report import FusedGroup, FuseReport
@@ -16,6 +17,9 @@ from .weights import unfuse
 
 __all__ = [
     "Backend",
+    "FxfusePass",
+    "inductor_pass",
+    "installed",
     "FuseConfig",
     "FuseReport",
     "FusedGroup",

@@ -78,12 +78,14 @@ def _place(
 
 
 def plan(
-    gm: fx.GraphModule, config: FuseConfig, runs_with_grad: bool = False
+    gm: fx.GraphModule, config: FuseConfig, runs_with_grad: bool = False, grad_graph: bool = False
 ) -> tuple[list[tuple[Group, fx.Node]], Counter, int]:
     """Find the groups to fuse and where each goes. Does not touch the graph.
 
     `runs_with_grad`: the graph will run with autograd recording (the backend
     knows this from Dynamo; a bare graph does not), so `config.training` applies.
+    `grad_graph`: the graph computes gradients itself (a joint graph), so every
+    weight counts as needing one.
 
     Returns (groups with their insertion anchors, skipped calls by reason,
     number of linear calls).
@@ -107,6 +109,8 @@ def plan(
         ok = []
         for lin in sibs:
             reason = legality.check_member(gm, lin, allow_grad=config.training or not runs_with_grad)
+            if reason is None and grad_graph and not config.training:
+                reason = Reason.NEEDS_GRAD
             if reason is None:
                 ok.append(lin)
             else:
@@ -159,8 +163,9 @@ def _fuse(
     config: FuseConfig,
     weight_source: Optional[WeightSource] = None,
     runs_with_grad: bool = False,
+    grad_graph: bool = False,
 ) -> FuseReport:
-    groups, skipped, before = plan(gm, config, runs_with_grad)
+    groups, skipped, before = plan(gm, config, runs_with_grad, grad_graph)
     report = FuseReport(before=before, after=before, skipped=skipped, graphs=1)
     if not groups:
         return report

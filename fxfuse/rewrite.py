@@ -38,12 +38,14 @@ aten, prims = torch.ops.aten, torch.ops.prims
 # Weight-side ops per dialect: concatenate along dim 0, zeros of a width, cast.
 _TORCH: dict[str, Callable[..., fx.Node]] = {
     "cat": lambda g, ns: g.call_function(torch.cat, (ns,), {"dim": 0}),
-    "zeros": lambda g, w, n, dt: g.call_method("new_zeros", (w, (n,)), {"dtype": dt}),
+    "zeros": lambda g, w, n, dt, dev: g.call_method("new_zeros", (w, (n,)), {"dtype": dt}),
     "cast": lambda g, w, dt: g.call_method("to", (w,), {"dtype": dt}),
 }
 _ATEN: dict[str, Callable[..., fx.Node]] = {
     "cat": lambda g, ns: g.call_function(aten.cat.default, (ns, 0)),
-    "zeros": lambda g, w, n, dt: g.call_function(aten.new_zeros.default, (w, [n]), {"dtype": dt}),
+    # aten.full: Inductor lowers it (aten.new_zeros is decomposed before lowering).
+    "zeros": lambda g, w, n, dt, dev: g.call_function(
+        aten.full.default, ([n], 0), {"dtype": dt, "layout": torch.strided, "device": dev, "pin_memory": False}),
     "cast": lambda g, w, dt: g.call_function(prims.convert_element_type.default, (w, dt)),
 }
 
@@ -116,7 +118,7 @@ def fuse_group(
         nodes, dtype = [], out_dtype
         for m, o, n in zip(members, ops, group.widths):
             if o is None:  # a missing bias counts as zeros of that member's width
-                nodes.append(dialect["zeros"](graph, _operand_node(graph, m.weight), n, out_dtype))
+                nodes.append(dialect["zeros"](graph, _operand_node(graph, m.weight), n, out_dtype, w0.device))
                 made.append((nodes[-1], (n,), out_dtype))
             else:
                 nodes.append(_operand_node(graph, o))

@@ -1,0 +1,121 @@
+"""fxfuse inside Inductor: a custom graph pass for users who compile with
+``backend="inductor"`` (or AOTInductor) and do not want to switch backends.
+
+    import fxfuse, torch
+    with fxfuse.installed("post_grad_custom_pre_pass"):
+        compiled = torch.compile(model)
+
+`inductor_pass(**options)` returns the pass; `installed(hook, **options)`
+adds it to one of Inductor's hooks for the duration of a block, after any pass
+already there (another library's pass is kept, not overwritten). Hooks:
+
+  pre_grad_custom_pass        torch-level graph, before AOTAutograd
+  joint_custom_pre_pass       aten graph: forward only in inference, forward
+                              and backward in training (the backward keeps its
+                              own per-member GEMMs; only the forward is fused)
+  post_grad_custom_pre_pass   aten graph after functionalization
+
+The weights are graph inputs there, so the fused weight is a concatenation in
+the graph; with ``torch._inductor.config.freezing=True`` Inductor folds that
+concatenation into one constant (use the pre-grad or joint hook: freezing
+runs after them).
+
+`uuid()` hashes fxfuse's source and the options, so Inductor's FX graph cache
+stays on and a change to either misses it. Inductor replays the counters a
+compile recorded under ``counters["inductor"]`` on a cache hit, so the pass
+mirrors its report there too (``fxfuse_linear_calls_removed``, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from . import trace
+from .config import FuseConfig
+from .fuse import _fuse
+from .report import FuseReport
+
+__all__ = ["FxfusePass", "inductor_pass", "installed", "HOOKS"]
+
+log = logging.getLogger(__name__)
+
+HOOKS = ("pre_grad_custom_pass", "joint_custom_pre_pass", "post_grad_custom_pre_pass")
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class FxfusePass(CustomGraphPass):
+    """Fuses sibling linears of the graph Inductor hands it; `report` sums
+    every graph it ran on in this process."""
+
+    def __init__(self, config: Optional[FuseConfig] = None) -> None:
+        self.config = config or FuseConfig()
+        self.report = FuseReport()
+
+    def __call__(self, graph: fx.Graph) -> None:
+        gm = graph.owning_module
+        if not isinstance(gm, fx.GraphModule):
+            return
+        # A joint graph (forward + backward) takes the tangents as inputs.
+        joint = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+        try:
+            report = _fuse(gm, self.config, runs_with_grad=joint, grad_graph=joint)
+        except Exception as e:  # noqa: BLE001 - a pass must never break the compile
+            if self.config.strict:
+                raise
+            log.warning("fxfuse: %r; graph left unchanged", e)
+            report = FuseReport(graphs=1, errors=[repr(e)])
+        report.publish()
+        _mirror_into_inductor_counters(report)
+        self.report.merge(report)
+        trace.show(report, gm, None)
+
+    def uuid(self) -> Optional[Any]:
+        if self.config.should_fuse is not None:
+            return None  # a callback's behaviour cannot be hashed: bypass the cache
+        fields = {k: getattr(self.config, k) for k in self.config.__dataclass_fields__}
+        return f"fxfuse-{_source_hash()}-{sorted(fields.items())!r}"
+
+
+def _mirror_into_inductor_counters(report: FuseReport) -> None:
+    from torch._dynamo.utils import counters
+
+    counters["inductor"]["fxfuse_linear_calls_removed"] += report.removed
+    counters["inductor"]["fxfuse_groups_fused"] += len(report.groups)
+
+
+def inductor_pass(**options: Any) -> FxfusePass:
+    """The fxfuse pass for Inductor's custom-pass hooks (options: `FuseConfig`'s)."""
+    return FxfusePass(FuseConfig.from_options(options))
+
+
+@contextlib.contextmanager
+def installed(hook: str = "post_grad_custom_pre_pass", **options: Any) -> Iterator[FxfusePass]:
+    """Add an fxfuse pass to an Inductor hook inside the block, after the
+    passes already there; yields the pass (its `report` fills as graphs compile)."""
+    if hook not in HOOKS:
+        raise ValueError(f"hook must be one of {HOOKS}, got {hook!r}")
+    pass_ = inductor_pass(**options)
+    current = getattr(torch._inductor.config, hook)
+    if current is None:
+        new: Any = pass_
+    elif isinstance(current, (list, tuple)):
+        new = type(current)([*current, pass_])
+    else:
+        new = [current, pass_]
+    with torch._inductor.config.patch({hook: new}):
+        yield pass_
