@@ -37,7 +37,7 @@ from torch._dynamo.utils import counters
 
 # Run from a checkout without installing (the GPU machine has no registry).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fxfuse.models import LlamaConfig, Transformer, load_hand_fused  # noqa: E402
+from fxfuse.models import LlamaConfig, Transformer, load_hand_fused, quantize_int8  # noqa: E402
 
 VARIANTS = ("unfused", "fxfuse", "hand_fused", "freezing", "fxfuse_cat")
 GiB = 2**30
@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--tol", type=float, default=5e-2,
                    help="largest |out-ref|/|ref| of logits that counts as agreeing with eager")
     p.add_argument("--tiny", action="store_true", help="tiny config; CPU allowed")
+    p.add_argument("--int8", action="store_true",
+                   help="weight-only int8 linears (gpt-fast style: linear(x, w.to(dtype)) * scales); "
+                   "the hand-fused model is quantized after fusing")
     p.add_argument("--out", type=Path, help="directory for results.json and results.md")
     return p.parse_args(argv)
 
@@ -207,8 +210,9 @@ def make_compiled(v, mode):
 def model_bytes(cfg, model):
     """Bytes one decode step must read: weights (not the embedding table, one row
     of it is read) plus the whole KV cache (attention masks, it does not skip)."""
-    w = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-            if not n.startswith("tok_embeddings"))
+    tensors = list(model.named_parameters()) + [
+        (n, b) for n, b in model.named_buffers() if n.endswith(("weight", "scales"))]  # int8 linears
+    w = sum(p.numel() * p.element_size() for n, p in tensors if not n.startswith("tok_embeddings"))
     kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.max_seq * cfg.head_dim * 2
     return w, w + kv
 
@@ -326,6 +330,9 @@ def run(args):
             plain = Transformer(cfg).eval()
             fused = (load_hand_fused(Transformer(cfg, hand_fused=True), plain).eval()
                      if "hand_fused" in names else None)
+            if args.int8:
+                plain = quantize_int8(plain)
+                fused = quantize_int8(fused) if fused is not None else None
     finally:
         torch.set_default_dtype(old)
     models = [m for m in (plain, fused) if m is not None]
@@ -378,6 +385,9 @@ def run(args):
     for m in models:
         for p in m.parameters():
             p.mul_(0.5)
+        for name, buf in m.named_buffers():
+            if name.endswith("scales"):  # int8 linears: scale the dequantized weights
+                buf.mul_(0.5)
     ref2 = b.check_step(plain, plain, seed=2)
     for v in ok:
         try:
