@@ -8,6 +8,7 @@ entry point, and nothing is registered or configured at import.
 
 from .backend import Backend, backend
 from .config import FuseConfig
+from .export import fuse_exported
 from .fuse import fuse_linears
 from .inductor import FxfusePass, inductor_pass, installed
 from .legality import Reason
@@ -26,6 +27,7 @@ __all__ = [
     "Group",
     "Reason",
     "backend",
+    "fuse_exported",
     "fuse_linears",
     "unfuse",
 ]

@@ -1,0 +1,119 @@
+"""fxfuse for torch.export: `fuse_exported(ep)` returns a new ExportedProgram
+whose sibling linears run as one GEMM each.
+
+Each group's weights (and biases, scales) become one new parameter of the
+program, concatenated once: a real entry of the graph signature and the state
+dict, so nothing is concatenated per call, in Python or in an AOTInductor
+binary. The members' own parameters, now unread, leave the signature and the
+state dict, so the program holds no second copy. The new parameters are named
+``fxfuse.fused_<i>.<weight|bias|scale>``.
+
+    ep = torch.export.export(model, (tokens,))
+    fused = fxfuse.fuse_exported(ep)
+    fused.module()(tokens)                       # same outputs
+    torch._inductor.aoti_compile_and_package(fused)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+
+from .config import FuseConfig
+from .fuse import _fuse
+from .match import Group
+from .report import FuseReport
+
+__all__ = ["fuse_exported"]
+
+_STORED = (InputKind.PARAMETER, InputKind.BUFFER)
+
+
+class _ExportedWeights:
+    """Weight source: concatenate parameter/buffer members into new parameters."""
+
+    def __init__(self, gm: fx.GraphModule, ep: ExportedProgram, specs: list[InputSpec]) -> None:
+        self.gm, self.ep, self.specs = gm, ep, specs
+        self.spec_of = {s.arg.name: s for s in specs if isinstance(s.arg, TensorArgument)}
+        self.replaced: set[str] = set()  # targets of members now read through a fused parameter
+        self.new_state: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def _tensor(self, op: Any) -> Optional[torch.Tensor]:
+        spec = self.spec_of.get(op.name) if isinstance(op, fx.Node) and op.op == "placeholder" else None
+        if spec is None or spec.kind not in _STORED or len(op.users) != 1:
+            return None
+        t = self.ep.state_dict.get(spec.target)  # type: ignore[arg-type]
+        return t if isinstance(t, torch.Tensor) else None
+
+    def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
+        if len(group.members) < 2:
+            return None
+        nodes: dict[str, fx.Node] = {}
+        plans = []
+        for kind in ("weight", "bias", "scale"):
+            ops = [getattr(m, kind) for m in group.members]
+            if all(o is None for o in ops):
+                continue
+            tensors = [None if o is None else self._tensor(o) for o in ops]
+            if any(o is not None and t is None for o, t in zip(ops, tensors)):
+                return None  # computed in the graph, or read elsewhere: concatenate in the graph
+            plans.append((kind, ops, tensors))
+        for kind, ops, tensors in plans:
+            ref = next(t for t in tensors if t is not None)
+            with torch.no_grad():
+                fused = torch.cat([t if t is not None else ref.new_zeros((w, *ref.shape[1:]))
+                                   for t, w in zip(tensors, group.widths)])
+            target = f"fxfuse.fused_{self.count}.{kind}"
+            nodes[kind] = self._add_parameter(target, fused, ops)
+            self.new_state[target] = torch.nn.Parameter(fused, requires_grad=False)
+            self.replaced.update(self.spec_of[o.name].target for o in ops if o is not None)  # type: ignore[misc]
+        self.count += 1
+        return nodes
+
+    def _add_parameter(self, target: str, value: torch.Tensor, ops: list) -> fx.Node:
+        graph = self.gm.graph
+        params = [n for n in graph.find_nodes(op="placeholder") if self.spec_of.get(n.name, None) is not None
+                  and self.spec_of[n.name].kind in _STORED]
+        with graph.inserting_after(params[-1]):
+            node = graph.placeholder(target.replace(".", "_"))
+        ref = next(o for o in ops if o is not None).meta.get("val")
+        if ref is not None:
+            node.meta["val"] = ref.fake_mode.from_tensor(value, static_shapes=True)
+        spec = InputSpec(kind=InputKind.PARAMETER, arg=TensorArgument(name=node.name), target=target, persistent=None)
+        self.specs.insert(self.specs.index(self.spec_of[params[-1].name]) + 1, spec)
+        self.spec_of[node.name] = spec
+        return node
+
+
+def fuse_exported(ep: ExportedProgram, **options: Any) -> ExportedProgram:
+    """A new ExportedProgram with sibling linears fused (options: `FuseConfig`'s).
+
+    The fused program's report is ``fused.fxfuse_report``. The input program
+    is left as it was.
+    """
+    config = FuseConfig.from_options(options)
+    gm = copy.deepcopy(ep.graph_module)
+    specs = list(ep.graph_signature.input_specs)
+    source = _ExportedWeights(gm, ep, specs)
+    report: FuseReport = _fuse(gm, config, source)
+    # Members read through a fused parameter leave the program.
+    for node in list(gm.graph.find_nodes(op="placeholder")):
+        spec = source.spec_of.get(node.name)
+        if spec is not None and spec.target in source.replaced and not node.users:
+            gm.graph.erase_node(node)
+            specs.remove(spec)
+    gm.recompile()
+    signature = copy.copy(ep.graph_signature)
+    signature.input_specs = specs
+    state = {k: v for k, v in ep.state_dict.items() if k not in source.replaced}
+    state.update(source.new_state)
+    fused = ep._update(gm, signature, state_dict=state)
+    fused.fxfuse_report = report  # type: ignore[attr-defined]
+    report.publish()
+    return fused
