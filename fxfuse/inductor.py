@@ -17,8 +17,9 @@ already there (another library's pass is kept, not overwritten). Hooks:
 
 The weights are graph inputs there, so the fused weight is a concatenation in
 the graph; with ``torch._inductor.config.freezing=True`` Inductor folds that
-concatenation into one constant (use the pre-grad or joint hook: freezing
-runs after them).
+concatenation into one constant (pre-grad and joint hooks: freezing runs
+after them), and after freezing (post-grad hook) the weights are constants
+already, which the pass concatenates once into a new constant.
 
 `uuid()` hashes fxfuse's source and the options, so Inductor's FX graph cache
 stays on and a change to either misses it. Inductor replays the counters a
@@ -41,6 +42,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from . import trace
 from .config import FuseConfig
 from .fuse import _fuse
+from .match import Group, value_of
 from .report import FuseReport
 
 __all__ = ["FxfusePass", "inductor_pass", "installed", "HOOKS"]
@@ -73,12 +75,13 @@ class FxfusePass(CustomGraphPass):
         # A joint graph (forward + backward) takes the tangents as inputs.
         joint = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
         try:
-            report = _fuse(gm, self.config, runs_with_grad=joint, grad_graph=joint)
+            report = _fuse(gm, self.config, _Constants(gm), runs_with_grad=joint, grad_graph=joint)
         except Exception as e:  # noqa: BLE001 - a pass must never break the compile
             if self.config.strict:
                 raise
             log.warning("fxfuse: %r; graph left unchanged", e)
             report = FuseReport(graphs=1, errors=[repr(e)])
+        _drop_unread_constants(gm)
         report.publish()
         _mirror_into_inductor_counters(report)
         self.report.merge(report)
@@ -89,6 +92,66 @@ class FxfusePass(CustomGraphPass):
             return None  # a callback's behaviour cannot be hashed: bypass the cache
         fields = {k: getattr(self.config, k) for k in self.config.__dataclass_fields__}
         return f"fxfuse-{_source_hash()}-{sorted(fields.items())!r}"
+
+
+class _Constants:
+    """Weight source for frozen graphs: members that are constants (get_attr,
+    after freezing) are concatenated once, here, into one new constant, and
+    the old constants the graph no longer reads are dropped."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
+        if len(group.members) < 2:
+            return None
+        plans = []
+        for kind in ("weight", "bias", "scale"):
+            ops = [getattr(m, kind) for m in group.members]
+            if all(o is None for o in ops):
+                continue
+            if not all(o is None or (isinstance(o, fx.Node) and o.op == "get_attr" and len(o.users) == 1)
+                       for o in ops):
+                return None
+            plans.append((kind, ops))
+        nodes = {}
+        for kind, ops in plans:
+            values = [None if o is None else value_of(gm, o) for o in ops]
+            if not all(v is None or isinstance(v, torch.Tensor) for v in values):
+                return None
+            ref = next(v for v in values if v is not None)
+            with torch.no_grad():
+                fused = torch.cat([v if v is not None else ref.new_zeros((w, *ref.shape[1:]))
+                                   for v, w in zip(values, group.widths)])
+            name = f"_fxfuse_constant_{len([k for k in vars(gm) if k.startswith('_fxfuse_constant_')])}"
+            setattr(gm, name, fused)
+            anchor = next(o for o in ops if o is not None)
+            with gm.graph.inserting_before(anchor):
+                nodes[kind] = gm.graph.get_attr(name)
+            val = anchor.meta.get("val")
+            if val is not None:
+                nodes[kind].meta["val"] = val.fake_mode.from_tensor(fused, static_shapes=True) \
+                    if hasattr(val, "fake_mode") else fused
+            for o in ops:
+                if o is not None:
+                    self._drop_after_use(o)
+        return nodes
+
+    def _drop_after_use(self, node: fx.Node) -> None:
+        # The member still reads it until the rewrite reroutes its users; the
+        # constant goes once the rewrite has erased the member.
+        self.gm.meta.setdefault("fxfuse_dropped_constants", []).append(node.target)
+
+
+def _drop_unread_constants(gm: fx.GraphModule) -> None:
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in gm.meta.pop("fxfuse_dropped_constants", []):
+        node = next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target and not n.users), None)
+        if node is not None:
+            gm.graph.erase_node(node)
+            read.discard(target)
+        if target not in read and hasattr(gm, str(target)):
+            delattr(gm, str(target))
 
 
 def _mirror_into_inductor_counters(report: FuseReport) -> None:

@@ -121,3 +121,23 @@ def test_cache_hit_still_reports(tmp_path):
     (hits1, removed1), (hits2, removed2) = (map(int, r.stdout.split()[-2:]) for r in runs)
     assert hits1 == 0 and removed1 == 9
     assert hits2 >= 1 and removed2 == 9  # the pass did not run; the cache replayed its counters
+
+
+def test_frozen_constants_are_concatenated_once():
+    # After freezing (post-grad hook) the weights are constants: get_attr nodes.
+    class Frozen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2, self.b2 = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w1), torch.nn.functional.linear(x, self.w2, self.b2)
+
+    model, x = Frozen(), torch.randn(3, 8)
+    gm = torch.fx.symbolic_trace(model)
+    fxfuse.inductor_pass()(gm.graph)
+    gm.recompile()
+    attrs = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    assert attrs == ["_fxfuse_constant_0", "_fxfuse_constant_1"] and "cat" not in gm.code
+    assert not hasattr(gm, "w1") and gm._fxfuse_constant_0.shape == (10, 8)  # no second copy kept
+    torch.testing.assert_close(gm(x), model(x))
