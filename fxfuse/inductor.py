@@ -103,7 +103,10 @@ class _Constants:
         self.gm = gm
 
     def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
-        if len(group.members) < 2:
+        # Only after AOTAutograd (aten graphs) are get_attr weights frozen
+        # constants; before it (pre-grad) they are the model's parameters,
+        # and freezing folds the in-graph concatenation itself.
+        if len(group.members) < 2 or not isinstance(group.members[0].node.target, torch._ops.OpOverload):
             return None
         plans = []
         for kind in ("weight", "bias", "scale"):
@@ -123,8 +126,11 @@ class _Constants:
             with torch.no_grad():
                 fused = torch.cat([v if v is not None else ref.new_zeros((w, *ref.shape[1:]))
                                    for v, w in zip(values, group.widths)])
-            name = f"_fxfuse_constant_{len([k for k in vars(gm) if k.startswith('_fxfuse_constant_')])}"
-            setattr(gm, name, fused)
+            i = 0
+            while hasattr(gm, f"_fxfuse_constant_{i}"):
+                i += 1
+            name = f"_fxfuse_constant_{i}"
+            gm.register_buffer(name, fused)  # what a get_attr of a tensor expects
             anchor = next(o for o in ops if o is not None)
             with gm.graph.inserting_before(anchor):
                 nodes[kind] = gm.graph.get_attr(name)
