@@ -43,11 +43,13 @@ def _weight_of(gm: fx.GraphModule, wt: object, value_of: Callable) -> Optional[f
     return None
 
 
-def as_aten_linear(gm: fx.GraphModule, node: fx.Node, value_of: Callable, make: Callable) -> Optional["Linear"]:
+def as_aten_linear(
+    gm: fx.GraphModule, node: fx.Node, value_of: Callable, make: Callable, name_of: Callable
+) -> Optional["Linear"]:
     """The `Linear` view of an aten mm / addmm / linear node, or None."""
     if node.op != "call_function" or node.kwargs:
         return None
-    name = node.name
+    name = name_of(node) or node.name
     if node.target is aten.linear.default:
         x, w, *rest = node.args
         b = rest[0] if rest else None

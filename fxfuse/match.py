@@ -104,7 +104,7 @@ def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
     if isinstance(node.target, torch._ops.OpOverload):
         from .aten import as_aten_linear
 
-        return as_aten_linear(gm, node, value_of, Linear)
+        return as_aten_linear(gm, node, value_of, Linear, _module_path)
     if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
         args = list(node.args) + [None] * (3 - len(node.args))
         x = node.kwargs.get("input", args[0])

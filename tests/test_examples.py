@@ -1,0 +1,32 @@
+"""Every example runs, and `python -m fxfuse inspect` works on each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+def test_there_are_examples():
+    assert {p.stem for p in EXAMPLES} >= {"llama_backend", "hf_model", "export_aoti", "inductor_pass"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_runs(path):
+    res = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "linear calls" in res.stdout
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_inspect_on_example(path):
+    target = f"{path.relative_to(ROOT)}:build"
+    res = subprocess.run([sys.executable, "-m", "fxfuse", "inspect", target], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "removed in" in res.stdout and "layers.0" in res.stdout
