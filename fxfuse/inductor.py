@@ -72,10 +72,12 @@ class FxfusePass(CustomGraphPass):
         gm = graph.owning_module
         if not isinstance(gm, fx.GraphModule):
             return
-        # A joint graph (forward + backward) takes the tangents as inputs.
+        # A joint graph (forward + backward) takes the tangents as inputs; a
+        # pre-grad (torch-level) graph runs under the grad mode it was traced in.
         joint = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+        with_grad = joint or torch.is_grad_enabled()
         try:
-            report = _fuse(gm, self.config, _Constants(gm), runs_with_grad=joint, grad_graph=joint)
+            report = _fuse(gm, self.config, _Constants(gm), runs_with_grad=with_grad, grad_graph=joint)
         except Exception as e:  # noqa: BLE001 - a pass must never break the compile
             if self.config.strict:
                 raise

@@ -82,12 +82,12 @@ def test_uuid_covers_options():
     assert fxfuse.inductor_pass(should_fuse=lambda g: True).uuid() is None  # callbacks bypass the cache
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_joint_graph_training_gradients(training):
+@pytest.mark.parametrize("hook, training", [(h, True) for h in HOOKS] + [("joint_custom_pre_pass", False)])
+def test_training_gradients(hook, training):
     model, twin = llama3(), llama3()
     model.train(), twin.train()
     torch._dynamo.reset()
-    with fxfuse.installed("joint_custom_pre_pass", training=training) as p:
+    with fxfuse.installed(hook, training=training) as p:
         out = torch.compile(model)(TOKENS)
     ref = twin(TOKENS)
     torch.testing.assert_close(out, ref)
