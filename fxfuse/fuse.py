@@ -95,6 +95,7 @@ def plan(
     order = {n: i for i, n in enumerate(nodes)}
     skipped: Counter = Counter()
     accepted: list[tuple[Group, fx.Node]] = []
+    written: Optional[tuple[set[fx.Node], set[int]]] = None
 
     def refuse(members: list[Linear], reason: Reason) -> None:
         skipped[reason.value] += len(members)
@@ -111,6 +112,8 @@ def plan(
             reason = legality.check_member(gm, lin, allow_grad=config.training or not runs_with_grad)
             if reason is None and grad_graph and not config.training:
                 reason = Reason.NEEDS_GRAD
+            if reason is None and not lin.node.users:
+                reason = Reason.UNUSED_OUTPUT  # dead code: nothing to gain, and autograd would see it
             if reason is None:
                 ok.append(lin)
             else:
@@ -126,6 +129,10 @@ def plan(
                     refuse(calls, why or Reason.BELOW_MIN_GROUP_SIZE)
                     continue
                 anchor, reason = _place(gm, calls, order, nodes)
+                if reason is None:
+                    if written is None:  # the graph's in-place writes, found once
+                        written = legality.written_nodes(gm, nodes)
+                    reason = legality.check_outputs_not_written(gm, calls, written)
                 if reason is None and config.should_fuse is not None and not config.should_fuse(group):
                     reason = Reason.VETOED
                 if reason is not None:

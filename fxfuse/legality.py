@@ -9,8 +9,10 @@ GEMM launch, a wrong fusion costs a wrong answer.
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import operator
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import fx
@@ -40,6 +42,9 @@ class Reason(str, enum.Enum):
     TOO_MANY_ROWS = "input_rows_above_max_rows"
     MEMBER_DEPENDS_ON_MEMBER = "member_depends_on_member"
     MUTATION_BETWEEN_MEMBERS = "mutation_between_members"
+    STATE_CHANGE_BETWEEN_MEMBERS = "autocast_or_grad_mode_change_between_members"
+    OUTPUT_WRITTEN = "member_output_written_in_place"
+    UNUSED_OUTPUT = "unused_output"
     NO_LEGAL_POSITION = "no_legal_position"
     VETOED = "vetoed_by_should_fuse"
     ERROR = "error_in_pass"
@@ -124,6 +129,10 @@ _VIEW_FUNCTIONS = {
     torch.diagonal, torch.as_strided, torch.view_as_real, torch.view_as_complex,
     torch.detach, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous,
     torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.expand, torch.Tensor.__getitem__,
+    # In eval mode these return their input itself.
+    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
+    torch.nn.functional.feature_alpha_dropout, torch.dropout,
 }
 _INPLACE_OPERATORS = {
     operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
@@ -177,7 +186,7 @@ def mutated_args(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     if node.op != "call_function":
         return []
     t = node.target
-    if node.kwargs.get("inplace") is True or t in _INPLACE_OPERATORS:
+    if node.kwargs.get("inplace") is True or t in _INPLACE_OPERATORS or _inplace_by_position(node):
         return inputs[:1]
     if isinstance(node.kwargs.get("out"), fx.Node):
         return [node.kwargs["out"]]  # type: ignore[list-item]
@@ -193,6 +202,78 @@ def mutated_args(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     if name.endswith("_") and not name.endswith("__"):
         return inputs[:1]
     return []
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_index(fn: Callable) -> Optional[int]:
+    """Position of an ``inplace`` parameter in `fn`'s signature, if any."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def _inplace_by_position(node: fx.Node) -> bool:
+    """``F.relu(x, True)``: an inplace flag passed by position."""
+    if not callable(node.target) or isinstance(node.target, torch._ops.OpOverload):
+        return False
+    try:
+        i = _inplace_index(node.target)
+    except TypeError:  # unhashable target
+        return False
+    return i is not None and len(node.args) > i and node.args[i] is True
+
+
+# Ops that change how later ops run (autocast, grad mode): a member moved
+# across one would run under other settings.
+_STATE_NAMES = ("autocast", "grad_enabled", "set_grad", "no_grad", "enable_grad", "inference_mode")
+
+
+def changes_state(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    return any(k in name for k in _STATE_NAMES)
+
+
+def _storage(gm: fx.GraphModule, n: fx.Node) -> Optional[int]:
+    """Identity of the storage behind a node's (fake or real) value: views of
+    one tensor, and graph inputs that alias, share it."""
+    v = value_of(gm, n)
+    if not isinstance(v, torch.Tensor) or is_traceable_wrapper_subclass(v):
+        return None
+    try:
+        return v.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - no storage (sparse, ...): unknown
+        return None
+
+
+def written_nodes(gm: fx.GraphModule, nodes: list[fx.Node]) -> tuple[set[fx.Node], set[int]]:
+    """Everything the graph writes in place: the nodes (with what they may
+    alias) and their storages. Computed once per pass."""
+    written: set[fx.Node] = set()
+    storages: set[int] = set()
+    for node in nodes:
+        for target in mutated_args(gm, node):
+            written |= _alias_chain(gm, target)
+            if (key := _storage(gm, target)) is not None:
+                storages.add(key)
+    return written, storages
+
+
+def check_outputs_not_written(
+    gm: fx.GraphModule, calls: list[Linear], written: tuple[set[fx.Node], set[int]]
+) -> Optional[Reason]:
+    """Fused outputs are views of one tensor (and duplicates share one): a
+    member output written in place would differ from eager (or, under autograd,
+    raise)."""
+    nodes, storages = written
+    for m in calls:
+        for n in (m.node, *m.node.users):
+            if n in nodes or ((key := _storage(gm, n)) is not None and key in storages):
+                return Reason.OUTPUT_WRITTEN
+    return None
 
 
 def _ancestors_within(nodes: Iterable[fx.Node], floor: int, order: dict[fx.Node, int]) -> set[fx.Node]:
@@ -260,10 +341,15 @@ def check_no_mutation(
     attrs = {o for o in operands if isinstance(o, str)}
     if attrs:
         watched |= {n for n in nodes if n.op == "get_attr" and n.target in attrs}
+    # Aliasing the graph does not spell out (a view made by any function, two
+    # inputs that alias) shows in the values: they share a storage.
+    storages = {key for o in _nodes(operands) if (key := _storage(gm, o)) is not None}
     for node in nodes[lo : hi + 1]:
         if node in member_nodes:
             continue
+        if changes_state(node):
+            return Reason.STATE_CHANGE_BETWEEN_MEMBERS
         for target in mutated_args(gm, node):
-            if _alias_chain(gm, target) & watched:
+            if _alias_chain(gm, target) & watched or _storage(gm, target) in storages:
                 return Reason.MUTATION_BETWEEN_MEMBERS
     return None

@@ -161,7 +161,50 @@ def fuse_group(
         if rerouted is not None:
             rerouted.append((m.node, piece, users))
         m.node.replace_all_uses_with(piece)
+    if parts is not None:
+        for piece in outs:
+            _keep_views_legal(graph, piece, key, dialect is _ATEN)
     return fused
+
+
+_VIEW_METHODS = ("view",)
+_VIEW_OPS = (aten.view.default,)
+
+
+def _keep_views_legal(graph: fx.Graph, piece: fx.Node, key: Optional[str], is_aten: bool) -> None:
+    """A piece is a column slice of the fused output, not contiguous like the
+    member's own output was: a ``view`` that needed contiguity (``.view(-1)``)
+    would raise. Such users read a contiguous copy instead; the common views
+    (splitting the last dim into heads) stay free."""
+    val = piece.meta.get(key) if key else None
+    for user in list(piece.users):
+        is_view = (user.op == "call_method" and user.target in _VIEW_METHODS) or (
+            user.op == "call_function" and (user.target in _VIEW_OPS or user.target is torch.Tensor.view))
+        if not is_view or user.args[0] is not piece:
+            continue
+        if isinstance(val, FakeTensor) and _view_ok(val, user.args[1:]):
+            continue
+        with graph.inserting_after(piece):
+            if is_aten:
+                copy = graph.call_function(aten.clone.default, (piece,), {"memory_format": torch.contiguous_format})
+            else:
+                copy = graph.call_method("contiguous", (piece,))
+        copy.meta.update({k: v for k, v in piece.meta.items() if k in _COPIED_META})
+        if isinstance(val, FakeTensor):
+            copy.meta[key] = _fake_empty(val, tuple(val.shape), val.dtype)[0]  # type: ignore[index]
+        user.replace_input_with(piece, copy)
+
+
+def _view_ok(val: FakeTensor, shape_args: tuple) -> bool:
+    shape = shape_args[0] if len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple)) else shape_args
+    if not all(isinstance(d, int) for d in shape):
+        return False  # symbolic: be safe
+    try:
+        with val.fake_mode:
+            val.view(*shape)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _set_values(gm: fx.GraphModule, group: Group, key: str, made: list, fused: fx.Node,

@@ -97,7 +97,10 @@ class Storage:
 
 
 def _plain(t: Tensor) -> bool:
-    return type(t) in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and t.is_contiguous()
+    # Exactly the strides of its slice of the storage: a [1, K] tensor made by
+    # a transpose is "contiguous" with strides (1, 1), and Dynamo guards strides.
+    expected = tuple(int(torch.tensor(t.shape[i + 1:]).prod()) for i in range(t.dim()))
+    return type(t) in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and t.stride() == expected
 
 
 def storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> Optional[Storage]:
