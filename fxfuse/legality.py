@@ -270,7 +270,8 @@ def check_outputs_not_written(
     raise)."""
     nodes, storages = written
     for m in calls:
-        for n in (m.node, *m.node.users):
+        views = [u for u in m.node.users if _view_parent(gm, u) is m.node]
+        for n in (m.node, *views):
             if n in nodes or ((key := _storage(gm, n)) is not None and key in storages):
                 return Reason.OUTPUT_WRITTEN
     return None

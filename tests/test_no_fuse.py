@@ -204,3 +204,35 @@ def test_fuse_at_max_rows_exactly():
     assert fxfuse.fuse_linears(gm, FuseConfig(max_rows=10)).removed == 1
     with torch.no_grad():
         torch.testing.assert_close(gm(*inputs), expected)
+
+
+def test_no_fuse_weight_3d():
+    x, w1, w2 = torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4)
+    gm = torch.fx.symbolic_trace(pair)
+    for node, w in zip(list(gm.graph.nodes)[1:3], (w1, w2)):
+        node.meta["val"] = w.unsqueeze(0)  # what a 3-D weight would look like
+    assert_left_alone(gm, Reason.WEIGHT_NOT_2D, 2, inputs=(x, w1, w2))
+
+
+def test_higher_order_ops_compile_and_match():
+    """torch.cond and activation checkpointing: the backend neither raises nor
+    changes a result; siblings outside the regions still fuse."""
+    class WithRegions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.c, self.d = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def inner(self, x):
+            return self.c(x) * self.d(x)
+
+        def forward(self, x):
+            y = self.a(x) + self.b(x)
+            z = torch.utils.checkpoint.checkpoint(self.inner, y, use_reentrant=False)
+            return torch.cond(z.sum() > 0, lambda t: self.c(t) + self.d(t), lambda t: t * 2, (z,))
+
+    model, x = WithRegions(), torch.randn(3, 8, requires_grad=True)
+    be = fxfuse.backend(inner="eager", training=True)
+    out = torch.compile(model, backend=be)(x)
+    torch.testing.assert_close(out, model(x))
+    assert be.report.errors == [] and be.report.removed >= 1
