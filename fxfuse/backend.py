@@ -101,7 +101,8 @@ class Backend:
         inputs = FusedInputs(work, list(example_inputs)) if self.config.weights == "auto" else None
         # Dynamo traced under the grad mode the graph will run under.
         report = _fuse(work, self.config, inputs, runs_with_grad=torch.is_grad_enabled())
-        if inputs is None or not inputs.slots:
+        if inputs is None or not inputs.slots or report.errors:
+            # (A failed rewrite was undone, fused placeholders included.)
             return self._inner(work, example_inputs), report, work
         keep = inputs.prune()
         compiled = self._inner(work, [example_inputs[i] for i in keep] + inputs.extra)

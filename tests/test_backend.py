@@ -144,3 +144,16 @@ def test_import_has_no_side_effects():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+
+
+def test_backend_storage_path_survives_a_failing_rewrite(monkeypatch):
+    # The rewrite fails after the fused weights became graph inputs: the undo
+    # must drop them too, and the compile must go on with the untouched graph.
+    import fxfuse.rewrite
+
+    monkeypatch.setattr(fxfuse.rewrite, "_set_values", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    model, t = llama(), tokens()
+    be = fxfuse.backend(inner="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=be)(t), model(t))
+    assert be.report.removed == 0 and "boom" in be.report.errors[0]
