@@ -47,6 +47,7 @@ import copy
 import os
 import random
 import textwrap
+import traceback
 from dataclasses import dataclass, field
 
 import pytest
@@ -69,7 +70,9 @@ KNOWN_BUGS = os.environ.get("FXFUSE_FUZZ_KNOWN_BUGS") == "1"
 # reproduction is a strict xfail and the generator leaves the construct out
 # (unless FXFUSE_FUZZ_KNOWN_BUGS=1); once fixed, drop the name: the
 # reproduction then guards the fix and the fuzzer explores the construct.
-OPEN_BUGS: set[str] = set()
+OPEN_BUGS: set[str] = {
+    "view_of_member_output",
+}
 
 
 def allowed(bug: str) -> bool:
@@ -387,7 +390,11 @@ def programs(draw) -> Program:
     elif ret == "sum":
         returns = " + ".join(f"{y}.sum()" for y in names)
     elif ret == "flat":
-        views = ["view(-1)"] if allowed("view_of_member_output") else []
+        # `.view(-1)` of member outputs stays out of CI's generator for now: the
+        # reproduction below passes, but one CI run of the generator hit a
+        # strided piece under .view(-1) that could not be replayed (hypothesis
+        # FlakyFailure). FXFUSE_FUZZ_VIEWS=1 puts it back to hunt it down.
+        views = ["view(-1)"] if os.environ.get("FXFUSE_FUZZ_VIEWS") == "1" else []
         flat = draw(st.sampled_from(["flatten()", "reshape(-1)"] + views))
         returns = "torch.cat([" + ", ".join(f"{y}.{flat}" for y in names) + "])"
     elif ret == "some":
@@ -479,7 +486,16 @@ def check(prog: Program, grad: bool, example_seed: int) -> None:
 
     def call(f, a):
         with torch.set_grad_enabled(grad):
-            return f(*a)
+            if f is ref_fn:
+                return f(*a)
+            try:
+                return f(*a)
+            except Exception as e:  # noqa: BLE001
+                error = "".join(traceback.format_exception(e)[-6:])
+            # Raised here, outside the handler: the generated graph's code has
+            # a new name per compile, and hypothesis would take each for
+            # another bug ("FlakyFailure") and print no example.
+            raise AssertionError(f"the compiled program raised:\n{error}")
 
     ref = call(ref_fn, ref_args)  # eager first: an error there is the generator's
     out = call(compiled, args)
@@ -656,11 +672,17 @@ def test_bug_positional_inplace(op):
 # unfused); and where the weights had gone into one storage (no_grad, or
 # frozen weights) the undone rewrite left the storage inputs behind, so the
 # call raised TypeError ("forward() takes 4 positional arguments but 5 were
-# given"). The storage case is `storage`, the in-graph cat case `cat`.
-@bug("view_of_member_output", "a .view(-1) of a member's output: the rewrite fails (error_in_pass), "
-     "and in the storage path the call then raises TypeError")
+# given"). Now a .contiguous() is inserted, but not when a dim of the input is
+# 1 (x of [2, 1, 4], a decode step: the piece [2, 1, 2] with strides (5, 5, 1)
+# is taken for viewable), and the call raises RuntimeError again:
+# "view size is not compatible with input tensor's size and stride".
 @pytest.mark.parametrize("path", ["storage", "cat"])
-def test_bug_view_of_member_output(path):
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 4), id="2x4"), pytest.param((2, 3, 4), id="2x3x4"),
+    pytest.param((2, 1, 4), id="2x1x4", marks=bug("view_of_member_output", "a .view(-1) of a member's output "
+                                      "raises when a dim of the input is 1 (x of [2, 1, 4])")),
+])
+def test_bug_view_of_member_output(path, shape):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -669,7 +691,7 @@ def test_bug_view_of_member_output(path):
         def forward(self, x):
             return self.a(x).view(-1), self.b(x)
 
-    m, x = M(), torch.randn(2, 4)
+    m, x = M(), torch.randn(shape)
     be = fxfuse.backend(inner="eager", **({"weights": "cat"} if path == "cat" else {}))
     with torch.no_grad():
         ref = m(x)
