@@ -114,6 +114,10 @@ def plan(
                 reason = Reason.NEEDS_GRAD
             if reason is None and not lin.node.users:
                 reason = Reason.UNUSED_OUTPUT  # dead code: nothing to gain, and autograd would see it
+            if reason is None and runs_with_grad and legality.leaves_graph(gm, lin):
+                # Split pieces are views of one output; autograd forbids writing
+                # them in place, and code after a graph break may.
+                reason = Reason.OUTPUT_LEAVES_GRAPH
             if reason is None:
                 ok.append(lin)
             else:

@@ -45,6 +45,7 @@ class Reason(str, enum.Enum):
     STATE_CHANGE_BETWEEN_MEMBERS = "autocast_or_grad_mode_change_between_members"
     OUTPUT_WRITTEN = "member_output_written_in_place"
     UNUSED_OUTPUT = "unused_output"
+    OUTPUT_LEAVES_GRAPH = "output_leaves_graph_with_grad"
     NO_LEGAL_POSITION = "no_legal_position"
     VETOED = "vetoed_by_should_fuse"
     ERROR = "error_in_pass"
@@ -260,6 +261,12 @@ def written_nodes(gm: fx.GraphModule, nodes: list[fx.Node]) -> tuple[set[fx.Node
             if (key := _storage(gm, target)) is not None:
                 storages.add(key)
     return written, storages
+
+
+def leaves_graph(gm: fx.GraphModule, lin: Linear) -> bool:
+    """Is the call's result (or a view of it) an output of the graph?"""
+    views = [lin.node] + [u for u in lin.node.users if _view_parent(gm, u) is lin.node]
+    return any(u.op == "output" for v in views for u in v.users)
 
 
 def check_outputs_not_written(

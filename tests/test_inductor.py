@@ -17,6 +17,15 @@ from fxfuse.inductor import HOOKS
 from fxfuse.models import LlamaConfig, Transformer
 
 TOKENS = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_caches():
+    """A cache hit skips the passes: these tests must see them run (the
+    machine's cache directory outlives a test run)."""
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
 # Inductor's GEMM calls on CPU: extern mm/addmm, or MKL's packed linear after freezing.
 GEMM = re.compile(r"extern_kernels\.(?:mm|addmm)\(|_mkl_linear(?:\.default)?\(")
 
