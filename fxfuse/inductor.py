@@ -75,7 +75,8 @@ class FxfusePass(CustomGraphPass):
         # A joint graph (forward + backward) takes the tangents as inputs; a
         # pre-grad (torch-level) graph runs under the grad mode it was traced in.
         joint = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
-        with_grad = joint or torch.is_grad_enabled()
+        aten_graph = any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes if n.op == "call_function")
+        with_grad = joint or (torch.is_grad_enabled() and not aten_graph)
         try:
             report = _fuse(gm, self.config, _Constants(gm), runs_with_grad=with_grad, grad_graph=joint)
         except Exception as e:  # noqa: BLE001 - a pass must never break the compile
