@@ -8,14 +8,20 @@ output of an earlier linear) read by 2-6 linears (``F.linear``, a module call,
 ``x @ w.t() + b``, ``torch.addmm``); 2-D and 3-D inputs; weights computed in
 the graph (``w * 2``, ``w.t().t()``, ``w + w'``, ``w[:n]``, ``cat([w, w'])``,
 ``w * y.mean()`` from another linear's output); the same weight used twice or
-by two groups, tied weights and tied modules; mixed bias; in-place edits of
-the input, of a view of it, of a weight or a bias (under no_grad) between
-the reads; graph breaks; outputs returned directly or combined. For each program:
+by two groups, tied weights and tied modules; 1-D weights, broadcast and
+mixed bias; non-contiguous weights; in-place edits of the input or of a view of
+it (made by any view function, ``inplace=`` by position too), of a weight or a
+bias (under no_grad), or of a linear's output, between the reads; a linear
+alone in a ``no_grad``/``enable_grad``/``autocast`` region; graph breaks;
+outputs returned directly or combined; ``dynamic=True/False/None`` and a
+second batch size. For each program:
 
   * eager and ``torch.compile(fn, backend=fxfuse.backend(inner="eager", ...))``
     give equal outputs and leave equal inputs and weights behind (the edits),
     with random fxfuse options (``training``, ``weights="cat"``,
     ``min_group_size=3``);
+  * the caller may write the first output in place: the other outputs must
+    not change, nor may the write raise;
   * a second call, after an edit from outside (in place, a new Parameter,
     ``load_state_dict``, ``assign=True``, ``fxfuse.unfuse``, ``.double()``, new
     tensors), sometimes in the other grad mode, is equal again (the fused
@@ -29,10 +35,10 @@ cores). Nightly-style:
 
     FXFUSE_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py -q
 
-Replaying a failure: the report shows the program, the run's seed
-(``FXFUSE_FUZZ_SEED=<n>`` with the same FXFUSE_FUZZ_EXAMPLES replays the whole
-run) and a ``@reproduce_failure(...)`` blob; hypothesis's database
-(.hypothesis/, ignored by git) also replays it first on the next local run.
+Replaying a failure: the report shows the program (as source), the run's
+seed (``FXFUSE_FUZZ_SEED=<n>`` with the same FXFUSE_FUZZ_EXAMPLES replays the
+whole run; without it each run draws a new seed) and a
+``@reproduce_failure(...)`` blob for this one example.
 ``pytest --hypothesis-show-statistics`` shows how often each path ran (groups
 fused, storage vs cat, each refusal reason, graph breaks).
 
@@ -72,6 +78,7 @@ KNOWN_BUGS = os.environ.get("FXFUSE_FUZZ_KNOWN_BUGS") == "1"
 # reproduction then guards the fix and the fuzzer explores the construct.
 OPEN_BUGS: set[str] = {
     "view_of_member_output",
+    "member_output_escapes",
 }
 
 
@@ -108,6 +115,7 @@ class Program:
     shape2: tuple[int, ...]  # of x in the second call (a new batch size, or the same)
     dynamic: bool | None  # torch.compile(dynamic=...)
     noncontig: bool  # weights are transposed views (not contiguous)
+    caller_writes: bool  # the caller writes the first output in place after the call
     options: dict = field(default_factory=dict)  # fxfuse.backend options
 
     def source(self) -> str:
@@ -344,8 +352,10 @@ def programs(draw) -> Program:
         flags["writes_weights"] = True
 
     def write_output() -> None:
-        """(test_bug_inplace_on_member_output_with_grad, test_bug_duplicate_calls_share_an_output)"""
-        if outs:
+        """(test_bug_inplace_on_member_output_with_grad, test_bug_duplicate_calls_share_an_output,
+        and after a graph break test_bug_member_output_escapes)"""
+        broken = "torch._dynamo.graph_break()" in body
+        if outs and (allowed("member_output_escapes") or not broken):
             y, _ = draw(st.sampled_from(outs))
             body.append(f"{y}.{draw(st.sampled_from(['add_(1)', 'mul_(2)', 'relu_()']))}")
             flags["writes_output"] = True
@@ -390,11 +400,8 @@ def programs(draw) -> Program:
     elif ret == "sum":
         returns = " + ".join(f"{y}.sum()" for y in names)
     elif ret == "flat":
-        # `.view(-1)` of member outputs stays out of CI's generator for now: the
-        # reproduction below passes, but one CI run of the generator hit a
-        # strided piece under .view(-1) that could not be replayed (hypothesis
-        # FlakyFailure). FXFUSE_FUZZ_VIEWS=1 puts it back to hunt it down.
-        views = ["view(-1)"] if os.environ.get("FXFUSE_FUZZ_VIEWS") == "1" else []
+        # .view(-1) of a member's output: test_bug_view_of_member_output.
+        views = ["view(-1)"] if allowed("view_of_member_output") else []
         flat = draw(st.sampled_from(["flatten()", "reshape(-1)"] + views))
         returns = "torch.cat([" + ", ".join(f"{y}.{flat}" for y in names) + "])"
     elif ret == "some":
@@ -409,6 +416,7 @@ def programs(draw) -> Program:
     shape2 = draw(st.sampled_from([shape] * 4 + [(shape[0] + 1, *shape[1:])]))
     dynamic = draw(st.sampled_from([None] * 6 + [True, False]))
     noncontig = draw(st.integers(0, 4)) == 0
+    caller_writes = allowed("member_output_escapes") and draw(st.integers(0, 3)) == 0
     options: dict = {}
     if draw(st.booleans()):
         options["training"] = draw(st.booleans())
@@ -417,7 +425,8 @@ def programs(draw) -> Program:
     if draw(st.integers(0, 3)) == 0:
         options["min_group_size"] = 3
     return Program(kind, shape, dtype, widths, biases, tuple(tied), requires_grad, body, returns,
-                   flags["writes_weights"], flags["writes_input"], flags["writes_output"], external, flip, shape2, dynamic, noncontig, options)
+                   flags["writes_weights"], flags["writes_input"], flags["writes_output"],
+                   external, flip, shape2, dynamic, noncontig, caller_writes, options)
 
 
 # ------------------------------------------------------------ the harness
@@ -476,6 +485,7 @@ def _external_edit(prog: Program, fn, args, compiled_side: bool):
 
 def check(prog: Program, grad: bool, example_seed: int) -> None:
     torch._dynamo.reset()
+    first_grad = grad
     fn, args = prog.make(example_seed)
     ref_fn, ref_args = copy.deepcopy((fn, args))
     if grad and not prog.writes_input:
@@ -503,6 +513,8 @@ def check(prog: Program, grad: bool, example_seed: int) -> None:
     torch.testing.assert_close(_state(fn, args), _state(ref_fn, ref_args), msg=lambda m: f"state after: {m}")
     if grad:
         _check_backward(out, ref, fn, args, ref_fn, ref_args)
+    if prog.caller_writes:
+        _check_caller_write(out, ref, grad)
 
     # Second call: a new x (needing grad as the first did: no recompile for that).
     x2 = torch.randn(prog.shape2, generator=torch.Generator().manual_seed(example_seed + 1)).to(prog.dtype)
@@ -521,13 +533,26 @@ def check(prog: Program, grad: bool, example_seed: int) -> None:
     assert "error_in_pass" not in r.skipped
     assert r.after == r.before - r.removed and r.graphs >= 1
     # `pytest --hypothesis-show-statistics` shows how often each path ran.
-    event("grad" if grad else "no_grad")
+    event("grad" if first_grad else "no_grad")
     event("fused" if r.removed else "nothing fused")
     event(f"graphs: {min(r.graphs, 3)}")
     for w in {g.weights for g in r.groups}:
         event(f"group weights: {w}")
     for reason in r.skipped:
         event(f"skipped: {reason}")
+
+
+def _check_caller_write(out, ref, grad: bool) -> None:
+    """The caller writes the first output in place: the others must not change
+    (in eager they are distinct tensors), nor may the write raise."""
+    outs, refs = _tensors(out), _tensors(ref)
+    with torch.set_grad_enabled(grad):
+        try:
+            refs[0].add_(1)
+        except RuntimeError:
+            return  # eager cannot either (a leaf that requires grad)
+        outs[0].add_(1)
+    torch.testing.assert_close(outs, refs, msg=lambda m: f"after the caller wrote out[0]: {m}")
 
 
 def _check_backward(out, ref, fn, args, ref_fn, ref_args) -> None:
@@ -801,3 +826,45 @@ def test_bug_storage_keeps_parameter_strides():
         for _ in range(2):
             torch.testing.assert_close(torch.compile(m, backend=be)(x), ref)
     assert be.report.errors == []
+
+
+# The checks on members' outputs (written in place, duplicates) see only the
+# graph being compiled. An output that leaves it, returned to the caller or
+# passed on across a graph break, is still a piece of one torch.split (with
+# autograd: writing it in place raises) or, for duplicates, one tensor
+# returned twice (writing one changes the other; `a is b`). After a graph
+# break the write even fails Dynamo's trace of the next graph. (The cases with
+# grad are now refused as "output_leaves_graph_with_grad"; duplicates returned
+# under no_grad are still one tensor.)
+@pytest.mark.parametrize("case", [
+    "caller_writes_with_grad",
+    pytest.param("duplicates_returned", marks=bug(
+        "member_output_escapes", "duplicate calls whose output leaves the graph under no_grad are "
+        "returned as one tensor: writing one changes the other")),
+    "graph_break",
+])
+def test_bug_member_output_escapes(case):
+    x, w0, w1 = _xw()
+    if case == "duplicates_returned":
+        def f(x, w0, w1):
+            return F.linear(x, w0), F.linear(x, w0)
+    elif case == "caller_writes_with_grad":
+        def f(x, w0, w1):
+            return F.linear(x, w0), F.linear(x, w1)
+        x.requires_grad_()
+    else:
+        def f(x, w0, w1):
+            q = F.linear(x, w0)
+            k = F.linear(x, w1)
+            torch._dynamo.graph_break()
+            q.mul_(2)
+            return q, k
+        x.requires_grad_()
+
+    with torch.set_grad_enabled(case != "duplicates_returned"):  # duplicates: inference
+        ref = f(x, w0, w1)
+        out = torch.compile(f, backend=fxfuse.backend(inner="eager"))(x, w0, w1)
+    if case != "graph_break":  # the caller writes the first output
+        ref[0].add_(1)
+        out[0].add_(1)
+    torch.testing.assert_close(out, ref)
