@@ -28,6 +28,7 @@ from .config import FuseConfig
 from .fuse import _fuse
 from .match import Group
 from .report import FuseReport
+from .weights import concat_rows
 
 __all__ = ["fuse_exported"]
 
@@ -65,10 +66,7 @@ class _ExportedWeights:
                 return None  # computed in the graph, or read elsewhere: concatenate in the graph
             plans.append((kind, ops, tensors))
         for kind, ops, tensors in plans:
-            ref = next(t for t in tensors if t is not None)
-            with torch.no_grad():
-                fused = torch.cat([t if t is not None else ref.new_zeros((w, *ref.shape[1:]))
-                                   for t, w in zip(tensors, group.widths)])
+            fused = concat_rows(tensors, group.widths)
             target = f"fxfuse.fused_{self.count}.{kind}"
             nodes[kind] = self._add_parameter(target, fused, ops)
             self.new_state[target] = torch.nn.Parameter(fused, requires_grad=False)

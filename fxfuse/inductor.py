@@ -44,6 +44,7 @@ from .config import FuseConfig
 from .fuse import _fuse
 from .match import Group, value_of
 from .report import FuseReport
+from .weights import concat_rows
 
 __all__ = ["FxfusePass", "inductor_pass", "installed", "HOOKS"]
 
@@ -125,10 +126,7 @@ class _Constants:
             values = [None if o is None else value_of(gm, o) for o in ops]
             if not all(v is None or isinstance(v, torch.Tensor) for v in values):
                 return None
-            ref = next(v for v in values if v is not None)
-            with torch.no_grad():
-                fused = torch.cat([v if v is not None else ref.new_zeros((w, *ref.shape[1:]))
-                                   for v, w in zip(values, group.widths)])
+            fused = concat_rows(values, group.widths)  # type: ignore[arg-type]
             i = 0
             while hasattr(gm, f"_fxfuse_constant_{i}"):
                 i += 1

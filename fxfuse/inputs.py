@@ -26,7 +26,7 @@ from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from .match import Group, Operand
-from .weights import Storage, storage_for
+from .weights import Storage, concat_rows, storage_for
 
 __all__ = ["FusedInputs", "copy_graph_module"]
 
@@ -53,11 +53,6 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _concat(members: list[Optional[Tensor]], widths: list[int]) -> Tensor:
-    ref = next(m for m in members if m is not None)
-    return torch.cat([m if m is not None else ref.new_zeros((w, *ref.shape[1:])) for m, w in zip(members, widths)])
-
-
 class _Slot:
     """One fused tensor passed to the graph: which arguments it is built from."""
 
@@ -68,16 +63,12 @@ class _Slot:
 
     def fused(self, args: tuple) -> Tensor:
         st = self.ref()
-        if st is not None and all(
-            i is None or args[i].data_ptr() == p for i, p in zip(self.arg_index, st.ptrs)
-        ):
-            return st.fused  # the common case: nothing moved
         members = [None if i is None else args[i] for i in self.arg_index]
         if st is not None and st.fits(members):
-            return st.current(members)
+            return st.current(members)  # copies back only the members that moved
         st = storage_for(members, self.widths)
         if st is None:  # the tensors now belong to another group: correct, but copies
-            return _concat(members, self.widths)
+            return concat_rows(members, self.widths)
         self.ref = weakref.ref(st)
         return st.fused
 

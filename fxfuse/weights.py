@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["Storage", "storage_for", "unfuse"]
+__all__ = ["Storage", "concat_rows", "storage_for", "unfuse"]
 
 # member tensor -> Storage holding it. The Storage (and so the fused tensor) is
 # alive while a member is; compiled graphs hold only weak references to it, so
@@ -94,6 +94,14 @@ class Storage:
                 if m is not None and m.data_ptr() != p:
                     self._adopt(i, m)
         return self.fused
+
+
+@torch.no_grad()
+def concat_rows(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> Tensor:
+    """The members stacked along dim 0 in a new tensor; None (a missing bias)
+    counts as zeros of its width."""
+    ref = next(m for m in members if m is not None)
+    return torch.cat([m if m is not None else ref.new_zeros((w, *ref.shape[1:])) for m, w in zip(members, widths)])
 
 
 def _plain(t: Tensor) -> bool:
