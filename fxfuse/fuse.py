@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 from torch import fx
 
-from . import legality
+from . import dtensor, legality
 from .config import FuseConfig
 from .legality import Reason
 from .match import Group, Linear, find_linears, siblings, value_of
@@ -175,6 +175,25 @@ def _fuse(
     weight_source: Optional[WeightSource] = None,
     runs_with_grad: bool = False,
     grad_graph: bool = False,
+) -> FuseReport:
+    # Tensor-parallel graphs: sibling projections in their local form, and
+    # back to the DTensor form for those that end up not fused.
+    localized, needs_grad = dtensor.localize(gm, runs_with_grad)
+    try:
+        report = _fuse_local(gm, config, weight_source, runs_with_grad, grad_graph)
+    finally:
+        dtensor.restore(gm, localized)
+    if needs_grad:
+        report.skipped[Reason.SHARDED_INPUT_NEEDS_GRAD.value] += needs_grad
+    return report
+
+
+def _fuse_local(
+    gm: fx.GraphModule,
+    config: FuseConfig,
+    weight_source: Optional[WeightSource],
+    runs_with_grad: bool,
+    grad_graph: bool,
 ) -> FuseReport:
     groups, skipped, before = plan(gm, config, runs_with_grad, grad_graph)
     report = FuseReport(before=before, after=before, skipped=skipped, graphs=1)

@@ -85,11 +85,15 @@ class FusedInputs:
         self.slots: list[_Slot] = []
         self.extra: list[Tensor] = []
         self.members: list[fx.Node] = []  # placeholders now read through a storage
+        self.local: set[int] = set()  # arguments that are DTensors: their local tensor is stored
 
     def _arg(self, op: Optional[Operand]) -> Optional[int]:
         """The argument index of a weight that can move into a storage, else -1."""
         if op is None:
             return None
+        local = _to_local_of(op)
+        if local is not None:  # a tensor-parallel shard (dtensor.py): store its local tensor
+            op = local
         if not isinstance(op, fx.Node) or op not in self.position:
             return -1
         i = self.position[op]
@@ -103,6 +107,8 @@ class FusedInputs:
             return -1  # read elsewhere too: its placeholder must stay
         if torch.is_grad_enabled() and t.requires_grad:
             return -1  # autograd needs the member tensors themselves
+        if local is not None:
+            self.local.add(i)
         return i
 
     def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
@@ -170,6 +176,7 @@ class FusedInputs:
         slots = self.slots
         self.extra = []  # the slots find the tensors; hold no strong reference
         checked = [i for slot in slots for i in slot.arg_index if i is not None]
+        local = sorted(self.local)  # DTensor arguments: check their local tensors
         same_ptrs = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _same_ptrs)
         take = operator.itemgetter(*keep) if len(keep) > 1 else (lambda a: tuple(a[i] for i in keep))
         state: list = [None, []]  # expected pointers per argument, weak refs to the fused tensors
@@ -191,7 +198,10 @@ class FusedInputs:
         def run(*args: Any) -> Any:
             ptrs = state[0]
             fused = None
-            if ptrs is not None and same_ptrs(list(args), ptrs, checked):
+            tensors = list(args)
+            for i in local:
+                tensors[i] = tensors[i]._local_tensor
+            if ptrs is not None and same_ptrs(tensors, ptrs, checked):
                 fused = [r() for r in state[1]]
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
                 fused = refresh(args)
@@ -199,6 +209,15 @@ class FusedInputs:
             return compiled(*take(args), *fused)
 
         return run
+
+
+def _to_local_of(op: Operand) -> Optional[fx.Node]:
+    """p if `op` is ``p.to_local()`` of a placeholder read only there."""
+    if isinstance(op, fx.Node) and op.op == "call_method" and op.target == "to_local" and len(op.users) == 1:
+        p = op.args[0]
+        if isinstance(p, fx.Node) and p.op == "placeholder" and len(p.users) == 1:
+            return p
+    return None
 
 
 def _same_ptrs(tensors: list, ptrs: list, indices: list[int]) -> bool:

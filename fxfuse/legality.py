@@ -38,6 +38,7 @@ class Reason(str, enum.Enum):
     IN_FEATURES_MISMATCH = "in_features_mismatch"
     QUANT_MISMATCH = "dequantization_mismatch"  # quantized and plain, or other cast/scale dtypes
     NEEDS_GRAD = "weights_need_grad"
+    SHARDED_INPUT_NEEDS_GRAD = "sharded_input_needs_grad"  # tensor parallel: see dtensor.py
     BELOW_MIN_GROUP_SIZE = "below_min_group_size"
     TOO_MANY_ROWS = "input_rows_above_max_rows"
     MEMBER_DEPENDS_ON_MEMBER = "member_depends_on_member"

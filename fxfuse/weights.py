@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .dtensor import local_value, repoint
+
 __all__ = ["Storage", "concat_rows", "storage_for", "unfuse"]
 
 # member tensor -> Storage holding it. The Storage (and so the fused tensor) is
@@ -47,7 +49,7 @@ class Storage:
     slices of one contiguous tensor, `fused`."""
 
     def __init__(self, members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> None:
-        ref = next(m for m in members if m is not None)
+        ref = local_value(next(m for m in members if m is not None))
         self.widths = list(widths)
         self.offsets = [sum(self.widths[:i]) for i in range(len(self.widths))]
         self.fused = torch.empty(
@@ -66,11 +68,13 @@ class Storage:
         return self.fused[self.offsets[i] : self.offsets[i] + self.widths[i]]
 
     def _adopt(self, i: int, member: Tensor) -> None:
-        """Copy `member` into its slice and make it a view of the slice."""
+        """Copy `member` into its slice and make it a view of the slice (of a
+        tensor-parallel shard: its local tensor, see dtensor.py)."""
         piece = self._slice(i)
-        if member.data_ptr() != piece.data_ptr():
-            piece.copy_(member)
-            member.data = piece
+        if local_value(member).data_ptr() != piece.data_ptr():
+            piece.copy_(local_value(member))
+            if not repoint(member, piece):
+                member.data = piece
         self._members[i] = weakref.ref(member)
         self.ptrs[i] = piece.data_ptr()
         _REGISTRY[member] = self
@@ -80,18 +84,19 @@ class Storage:
 
     def fits(self, members: Sequence[Optional[Tensor]]) -> bool:
         """Could these tensors be copied into this storage as they are?"""
+        local = [local_value(m) for m in members]
         return len(members) == len(self.widths) and all(
             m is None
             or (m.dtype == self.fused.dtype and m.device == self.fused.device
                 and tuple(m.shape) == (w, *self.fused.shape[1:]))
-            for m, w in zip(members, self.widths)
+            for m, w in zip(local, self.widths)
         )
 
     def current(self, members: Sequence[Optional[Tensor]]) -> Tensor:
         """The fused tensor, after copying back any member that moved."""
         with torch.no_grad():
             for i, (m, p) in enumerate(zip(members, self.ptrs)):
-                if m is not None and m.data_ptr() != p:
+                if m is not None and local_value(m).data_ptr() != p:
                     self._adopt(i, m)
         return self.fused
 
@@ -100,8 +105,9 @@ class Storage:
 def concat_rows(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> Tensor:
     """The members stacked along dim 0 in a new tensor; None (a missing bias)
     counts as zeros of its width."""
-    ref = next(m for m in members if m is not None)
-    return torch.cat([m if m is not None else ref.new_zeros((w, *ref.shape[1:])) for m, w in zip(members, widths)])
+    ref = local_value(next(m for m in members if m is not None))
+    return torch.cat([local_value(m) if m is not None else ref.new_zeros((w, *ref.shape[1:]))
+                      for m, w in zip(members, widths)])
 
 
 def _plain(t: Tensor) -> bool:
@@ -116,7 +122,7 @@ def storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> O
     they cannot share one: a repeated or non-contiguous tensor, or a tensor
     that another group's storage still backs (one tensor has one home)."""
     present = [m for m in members if m is not None]
-    if not present or len({id(m) for m in present}) != len(present) or not all(map(_plain, present)):
+    if not present or len({id(m) for m in present}) != len(present) or not all(_plain(local_value(m)) for m in present):
         return None
     owners = {id(s): s for m in present if (s := _REGISTRY.get(m)) is not None}
     if len(owners) == 1:
@@ -135,7 +141,7 @@ def storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> O
 def _still_owns(storage: Storage, tensors: list[Tensor]) -> bool:
     """Does `storage` still back one of `tensors` (so re-fusing would steal it)?"""
     return any(
-        r is not None and r() is t and t.data_ptr() == p
+        r is not None and r() is t and local_value(t).data_ptr() == p
         for t in tensors
         for r, p in zip(storage._members, storage.ptrs)
     )
@@ -152,7 +158,8 @@ def unfuse(module: torch.nn.Module) -> int:
     moved = 0
     for t in list(module.parameters()) + list(module.buffers()):
         if _REGISTRY.get(t) is not None:
-            t.data = t.data.clone()
+            if not repoint(t, local_value(t).clone()):
+                t.data = t.data.clone()
             del _REGISTRY[t]
             moved += 1
     return moved

@@ -1,0 +1,209 @@
+"""Tensor-parallel (DTensor) models: each rank fuses its local sibling GEMMs.
+
+Two CPU processes with the gloo backend run every check once (the fixture
+`ranks`); the tests read what each rank recorded. The model is two blocks of
+q/k/v/o (grouped k/v, a bias on q) and w1/w3/w2, sharded with
+``ColwiseParallel`` on q/k/v/w1/w3 and ``RowwiseParallel`` on o/w2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch built without distributed/gloo", allow_module_level=True)
+
+WORLD = 2
+LAYERS = 2
+DIM = 32
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wq = nn.Linear(DIM, DIM)
+        self.wk = nn.Linear(DIM, DIM // 2, bias=False)
+        self.wv = nn.Linear(DIM, DIM // 2, bias=False)
+        self.wo = nn.Linear(DIM, DIM, bias=False)
+        self.w1 = nn.Linear(DIM, 2 * DIM, bias=False)
+        self.w3 = nn.Linear(DIM, 2 * DIM, bias=False)
+        self.w2 = nn.Linear(2 * DIM, DIM, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        h = x + self.wo(q * torch.cat([k, v], -1).sigmoid())
+        return h + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+def tp_model(mesh):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block() for _ in range(LAYERS)])
+    col, row = ColwiseParallel(), RowwiseParallel()
+    plan = {f"{i}.{n}": col for i in range(LAYERS) for n in ("wq", "wk", "wv", "w1", "w3")}
+    plan.update({f"{i}.{n}": row for i in range(LAYERS) for n in ("wo", "w2")})
+    return parallelize_module(model, mesh, plan)
+
+
+def _forward_graph_counts(record: dict):
+    """An inner compiler that records the aten forward graph's GEMM and
+    collective counts (AOTAutograd has turned DTensor into local ops and
+    explicit collectives by then)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw(gm, _):
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        record["gemms"] = sum(t in ("aten.mm.default", "aten.addmm.default") for t in targets)
+        record["collectives"] = sum(t.startswith("_c10d_functional.") and "wait" not in t for t in targets)
+        return gm.forward
+
+    return aot_autograd(fw_compiler=fw)
+
+
+def _structure(gm) -> list:
+    """The graph with node names replaced by positions: what it computes."""
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return [(n.op, str(n.target) if n.op != "placeholder" else "",
+             repr(torch.fx.map_arg((n.args, n.kwargs), lambda a: pos[a]))) for n in gm.graph.nodes]
+
+
+def _diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        _checks(rank, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _checks(rank: int, out: str) -> None:
+    import fxfuse
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = tp_model(mesh)
+    x = torch.randn(2, 3, DIM, generator=torch.Generator().manual_seed(1))
+    r: dict = {}
+    with torch.no_grad():
+        ref = model(x)
+        unfused: dict = {}
+        y0 = torch.compile(model, backend=_forward_graph_counts(unfused))(x)
+        torch._dynamo.reset()
+        fused: dict = {}
+        be = fxfuse.backend(inner=_forward_graph_counts(fused), strict=True)
+        y1 = torch.compile(model, backend=be)(x)
+        r.update(unfused=unfused, fused=fused, removed=be.report.removed,
+                 widths=[list(g.widths) for g in be.report.groups],
+                 weights=sorted({g.weights for g in be.report.groups}),
+                 diff_unfused=_diff(y1, y0), diff_eager=_diff(y1, ref))
+        att = model[0]
+        local = [att.wq.weight, att.wk.weight, att.wv.weight]
+        r["one_storage"] = len({t.to_local().untyped_storage().data_ptr() for t in local}) == 1
+        r["stays_dtensor"] = type(att.wq.weight).__name__
+        # Never stale: in-place edits of a local shard and a state_dict load.
+        att.wk.weight.mul_(-2)
+        model[1].w3.weight.to_local().add_(0.5)
+        r["diff_after_inplace"] = _diff(torch.compile(model, backend=be)(x), model(x))
+        model.load_state_dict({k: v.detach() * 0.5 for k, v in model.state_dict().items()})
+        r["diff_after_load"] = _diff(torch.compile(model, backend=be)(x), model(x))
+        torch._dynamo.reset()
+        # Refused (groups capped below 2): the graph is the one Dynamo built.
+        graphs: list = []
+        be2 = fxfuse.backend(inner=lambda gm, ex: graphs.append(_structure(gm)) or gm.forward, min_group_size=4)
+        torch.compile(model, backend=be2)(x)
+        torch._dynamo.reset()
+        orig: list = []
+        torch.compile(model, backend=lambda gm, ex: orig.append(_structure(gm)) or gm.forward)(x)
+        r.update(refused_unchanged=graphs == orig and len(orig) == 1, refused_removed=be2.report.removed,
+                 refused_reasons=dict(be2.report.skipped))
+        torch._dynamo.reset()
+        with fxfuse.installed("post_grad_custom_pre_pass") as pass_:
+            y2 = torch.compile(model)(x)
+        r.update(inductor_removed=pass_.report.removed, diff_inductor=_diff(y2, model(x)))
+        torch._dynamo.reset()
+    # With autograd, the input's gradient sums over ranks: left alone, reason counted.
+    xg = x.clone().requires_grad_()
+    be3 = fxfuse.backend(inner="eager", training=True)
+    torch.compile(model, backend=be3)(xg).sum().backward()
+    g1 = xg.grad.clone()
+    xg.grad = None
+    model(xg).sum().backward()
+    r.update(grad_removed=be3.report.removed, grad_reasons=dict(be3.report.skipped), diff_grad=_diff(g1, xg.grad))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(r))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("tp")
+    sys.path.insert(0, str(Path(__file__).parent))  # the spawned ranks import this module
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD)
+    return [json.loads(Path(out, f"rank{i}.json").read_text()) for i in range(WORLD)]
+
+
+def test_each_rank_removes_its_local_siblings(ranks):
+    for r in ranks:
+        # Per block: q/k/v -> 1 and w1/w3 -> 1, over this rank's shards (half the rows).
+        assert r["removed"] == 3 * LAYERS
+        assert r["widths"] == [[DIM // 2, DIM // 4, DIM // 4], [DIM, DIM]] * LAYERS
+        assert r["weights"] == ["storage"]
+        assert r["fused"]["gemms"] == r["unfused"]["gemms"] - 3 * LAYERS
+
+
+def test_no_collective_added(ranks):
+    for r in ranks:
+        # The row-parallel o and w2 each all-reduce: the count is not zero.
+        assert r["unfused"]["collectives"] == 2 * LAYERS
+        assert r["fused"]["collectives"] == r["unfused"]["collectives"]
+
+
+def test_outputs_equal_unfused_and_eager(ranks):
+    for r in ranks:
+        assert r["diff_unfused"] <= 1e-5 and r["diff_eager"] <= 1e-5
+
+
+def test_local_shards_share_one_storage_and_never_go_stale(ranks):
+    for r in ranks:
+        assert r["one_storage"] and r["stays_dtensor"] == "DTensor"
+        assert r["diff_after_inplace"] <= 1e-5 and r["diff_after_load"] <= 1e-5
+
+
+def test_refused_group_leaves_dynamo_graph_unchanged(ranks):
+    for r in ranks:
+        assert r["refused_removed"] == 0 and r["refused_unchanged"]
+        assert r["refused_reasons"] == {"below_min_group_size": 5 * LAYERS}
+
+
+def test_inductor_pass_fuses_local_gemms(ranks):
+    for r in ranks:
+        assert r["inductor_removed"] == 3 * LAYERS and r["diff_inductor"] <= 1e-5
+
+
+def test_input_needing_grad_is_left_alone_with_reason(ranks):
+    for r in ranks:
+        assert r["grad_removed"] == 0
+        assert r["grad_reasons"] == {"sharded_input_needs_grad": 5 * LAYERS}
+        assert r["diff_grad"] <= 1e-5
