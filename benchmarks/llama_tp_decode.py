@@ -80,7 +80,7 @@ def rank_main(rank: int, args, port: int, out: str) -> None:
 
     mesh = init_device_mesh(dev.type, (WORLD,))
     cfg = LlamaConfig(n_layer=args.layers or 2, dim=64, n_head=4, n_kv_head=2, hidden=176, max_seq=64) \
-        if args.tiny else LlamaConfig.llama2_7b(n_layer=args.layers or 32, max_seq=512)
+        if args.tiny else LlamaConfig.llama2_7b(n_layer=args.layers or 32, max_seq=args.tokens + 8)
     torch.manual_seed(0)  # the same weights on every rank before sharding
     dtype = torch.bfloat16 if cuda else torch.float32
     with torch.device(dev):
@@ -125,14 +125,16 @@ def rank_main(rank: int, args, port: int, out: str) -> None:
         for _ in range(args.repeats):
             for name, fn in fns.items():
                 tps[name].append(generate(fn)[0])
-    res.update(removed=be.report.removed, groups=len(be.report.groups),
+    res.update(removed=be.report.removed, groups=len(be.report.groups), skipped=dict(be.report.skipped),
                local_widths=sorted({tuple(g.widths) for g in be.report.groups}),
                weights=sorted({g.weights for g in be.report.groups}),
                tok_s={k: round(statistics.median(v), 1) for k, v in tps.items()},
                tok_s_all={k: [round(x, 1) for x in v] for k, v in tps.items()})
     res["speedup"] = round(res["tok_s"]["fxfuse"] / res["tok_s"]["unfused"], 3)
     Path(out, f"rank{rank}.json").write_text(json.dumps(res, indent=1))
-    dist.destroy_process_group()
+    dist.barrier()
+    # Tearing NCCL down can hang at exit; everything is written by now.
+    os._exit(0)
 
 
 def main(argv=None) -> None:

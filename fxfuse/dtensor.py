@@ -70,6 +70,18 @@ def _placements(v: object, dt: type) -> Optional[tuple]:
     return tuple(v.placements) if isinstance(v, dt) else None  # type: ignore[attr-defined]
 
 
+def _is_call(n: Optional[fx.Node], method: str) -> bool:
+    """Is `n` ``x.<method>()``? Dynamo writes it as a method call, or (older
+    versions) as a function named ``prim_<method>`` (``prim from_local``)
+    with the non-tensor arguments baked in."""
+    if n is None:
+        return False
+    if n.op == "call_method":
+        return n.target == method
+    spellings = {f"prim_{method}", f"prim {method}"} | ({"from_local"} if method == "from_local" else set())
+    return n.op == "call_function" and getattr(n.target, "__name__", "") in spellings
+
+
 def _only_user(n: fx.Node) -> Optional[fx.Node]:
     return next(iter(n.users)) if len(n.users) == 1 else None
 
@@ -84,7 +96,7 @@ def _colwise_chain(node: fx.Node, dt: type) -> Optional[list[fx.Node]]:
     xd, w, *rest = node.args
     b = rest[0] if rest else None
     vx, vw, vb, vy = _val(xd), _val(w), _val(b), _val(node)
-    if not (isinstance(xd, fx.Node) and xd.op == "call_function" and "from_local" in getattr(xd.target, "__name__", "")):
+    if not (isinstance(xd, fx.Node) and _is_call(xd, "from_local")):
         return None
     x = xd.args[0] if xd.args else None
     if not isinstance(_val(x), torch.Tensor) or isinstance(_val(x), dt) or len(xd.users) != 1:
@@ -98,12 +110,12 @@ def _colwise_chain(node: fx.Node, dt: type) -> Optional[list[fx.Node]]:
     chain = [xd, node]
     user = _only_user(node)
     # A redistribute to the placements the output already has moves nothing.
-    if user is not None and user.op == "call_method" and user.target == "redistribute":
+    if _is_call(user, "redistribute"):
         if _placements(_val(user), dt) != _placements(vy, dt) or _placements(vy, dt) != (Shard(vy.dim() - 1),):  # type: ignore[union-attr]
             return None
         chain.append(user)
         user = _only_user(user)
-    if user is None or user.op != "call_method" or user.target != "to_local" or len(user.args) != 1 or user.kwargs:
+    if not _is_call(user, "to_local") or len(user.args) != 1 or user.kwargs:
         return None
     return chain + [user]
 

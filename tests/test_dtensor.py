@@ -78,6 +78,29 @@ def _structure(gm) -> list:
              repr(torch.fx.map_arg((n.args, n.kwargs), lambda a: pos[a]))) for n in gm.graph.nodes]
 
 
+def _old_spelling(gm, example_inputs) -> None:
+    """Rewrite the DTensor calls the way older Dynamo versions write them:
+    functions named ``prim from_local`` / ``prim_redistribute`` /
+    ``prim_to_local`` with the non-tensor arguments (the mesh) baked in."""
+    real = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+    for n in list(gm.graph.nodes):
+        if n.op == "call_method" and n.target in ("redistribute", "to_local"):
+            fn = (lambda m, kw: lambda t: getattr(t, m)(**kw))(n.target, dict(n.kwargs))
+            fn.__name__ = f"prim_{n.target}"
+        elif n.op == "call_function" and getattr(n.target, "__name__", "") == "from_local":
+            rest = [real.get(a, a) for a in n.args[1:]]
+            fn = (lambda f, rest, kw: lambda t: f(t, *rest, **kw))(n.target, rest, dict(n.kwargs))
+            fn.__name__ = "prim from_local"
+        else:
+            continue
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(fn, (n.args[0],))
+        new.meta = n.meta
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+    gm.recompile()
+
+
 def _diff(a, b) -> float:
     return (a - b).abs().max().item()
 
@@ -133,6 +156,13 @@ def _checks(rank: int, out: str) -> None:
         r.update(refused_unchanged=graphs == orig and len(orig) == 1, refused_removed=be2.report.removed,
                  refused_reasons=dict(be2.report.skipped))
         torch._dynamo.reset()
+        # The spelling of older Dynamo versions.
+        captured: list = []
+        torch.compile(model, backend=lambda gm, ex: captured.append((gm, list(ex))) or gm.forward)(x)
+        gm, ex = captured[0]
+        _old_spelling(gm, ex)
+        r.update(old_removed=fxfuse.fuse_linears(gm).removed, diff_old=_diff(gm(*ex)[0], model(x)))
+        torch._dynamo.reset()
         with fxfuse.installed("post_grad_custom_pre_pass") as pass_:
             y2 = torch.compile(model)(x)
         r.update(inductor_removed=pass_.report.removed, diff_inductor=_diff(y2, model(x)))
@@ -171,6 +201,11 @@ def test_each_rank_removes_its_local_siblings(ranks):
         assert r["widths"] == [[DIM // 2, DIM // 4, DIM // 4], [DIM, DIM]] * LAYERS
         assert r["weights"] == ["storage"]
         assert r["fused"]["gemms"] == r["unfused"]["gemms"] - 3 * LAYERS
+
+
+def test_older_dynamo_spelling_fuses_the_same(ranks):
+    for r in ranks:
+        assert r["old_removed"] == 3 * LAYERS and r["diff_old"] <= 1e-5
 
 
 def test_no_collective_added(ranks):
