@@ -14,7 +14,8 @@ The same numbers go to ``torch._dynamo.utils.counters``: "fxfuse" holds
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from tabulate import tabulate
 
@@ -69,6 +70,22 @@ class FuseReport:
         counters["fxfuse"]["groups_fused"] += len(self.groups)
         for reason, n in self.skipped.items():
             counters["fxfuse_skipped"][reason] += n
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): what the tlparse artifact and a cache entry hold."""
+        return {
+            "before": self.before, "after": self.after, "removed": self.removed,
+            "groups": [asdict(g) for g in self.groups],
+            "skipped": dict(self.skipped), "graphs": self.graphs, "errors": list(self.errors),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FuseReport":
+        """The inverse of `as_dict` ("removed" is derived, so it is not read)."""
+        groups = [FusedGroup(tuple(g["members"]), tuple(g["widths"]), tuple(g["bias"]), g["weights"], g["graph"])
+                  for g in data["groups"]]
+        return cls(data["before"], data["after"], groups, Counter(data["skipped"]), data["graphs"],
+                   list(data["errors"]))
 
     def summary(self) -> str:
         return (

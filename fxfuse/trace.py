@@ -17,7 +17,6 @@ graph text is only built when DEBUG is on.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import logging
@@ -44,14 +43,17 @@ def debug_enabled() -> bool:
     return log.isEnabledFor(logging.DEBUG)
 
 
-def show(report: FuseReport, after: fx.GraphModule, before_text: Optional[str]) -> None:
+def show(report: FuseReport, after: Optional[fx.GraphModule], before_text: Optional[str],
+         cached: bool = False) -> None:
     """Log a compiled graph's report (and, at DEBUG, its code and diff) and
-    emit the tlparse artifacts."""
+    emit the tlparse artifacts. `cached`: the report came back from a compile
+    cache, so there is no graph to show (`after` is None)."""
     if log.isEnabledFor(logging.INFO):
         groups = "; ".join("[" + ", ".join(g.members) + "]" for g in report.groups)
-        log.info("%s%s", report.summary(), f": {groups}" if groups else "")
-    after_text = graph_text(after) if before_text is not None else None
-    if after_text is not None and before_text is not None:
+        origin = " (from the compile cache)" if cached else ""
+        log.info("%s%s%s", report.summary(), origin, f": {groups}" if groups else "")
+    if after is not None and before_text is not None:
+        after_text = graph_text(after)
         log.debug("===== fxfuse: graph after the rewrite =====\n%s", after_text)
         diff = difflib.unified_diff(before_text.splitlines(), after_text.splitlines(),
                                     "before fxfuse", "after fxfuse", lineterm="")
@@ -59,18 +61,12 @@ def show(report: FuseReport, after: fx.GraphModule, before_text: Optional[str]) 
     _artifacts(report, after)
 
 
-def _artifacts(report: FuseReport, after: fx.GraphModule) -> None:
+def _artifacts(report: FuseReport, after: Optional[fx.GraphModule]) -> None:
     from torch._logging import trace_structured
-
-    def report_json() -> str:
-        return json.dumps({
-            "before": report.before, "after": report.after, "removed": report.removed,
-            "groups": [dataclasses.asdict(g) for g in report.groups],
-            "skipped": dict(report.skipped), "errors": report.errors,
-        })
 
     # payload functions run only when TORCH_TRACE is set.
     trace_structured("artifact", metadata_fn=lambda: {"name": "fxfuse_report", "encoding": "json"},
-                     payload_fn=report_json)
-    trace_structured("artifact", metadata_fn=lambda: {"name": "fxfuse_graph", "encoding": "string"},
-                     payload_fn=lambda: graph_text(after))
+                     payload_fn=lambda: json.dumps(report.as_dict()))
+    if after is not None:
+        trace_structured("artifact", metadata_fn=lambda: {"name": "fxfuse_graph", "encoding": "string"},
+                         payload_fn=lambda: graph_text(after))

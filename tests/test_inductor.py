@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -91,7 +92,8 @@ def test_uuid_covers_options():
     assert fxfuse.inductor_pass(should_fuse=lambda g: True).uuid() is None  # callbacks bypass the cache
 
 
-@pytest.mark.parametrize("hook, training", [(h, True) for h in HOOKS] + [("joint_custom_pre_pass", False)])
+@pytest.mark.parametrize("hook, training", [(h, True) for h in HOOKS] + [
+    ("joint_custom_pre_pass", False), ("post_grad_custom_pre_pass", False)])
 def test_training_gradients(hook, training):
     model, twin = llama3(), llama3()
     model.train(), twin.train()
@@ -110,26 +112,82 @@ def test_training_gradients(hook, training):
         assert p.report.removed == 0 and p.report.skipped["weights_need_grad"] == 15
 
 
+# Compiles a tiny model with a pass in hook argv[1] ("train": forward and
+# backward) and prints what the process saw, as JSON.
 CACHE_SCRIPT = """
-import torch, fxfuse
-from fxfuse.models import LlamaConfig, Transformer
+import json, sys, torch, fxfuse
+from torch._dynamo.utils import counters
+
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.k, self.v = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.o(self.q(x) + torch.cat([self.k(x), self.v(x)], -1))
+
+hook, train = sys.argv[1], sys.argv[2] == "train"
 torch.manual_seed(0)
-m = Transformer(LlamaConfig(n_layer=3, q_bias=True)).eval()
-with torch.no_grad(), fxfuse.installed("post_grad_custom_pre_pass"):
-    torch.compile(m)(torch.randint(0, 128, (2, 4)))
-c = torch._dynamo.utils.counters["inductor"]
-print(c["fxgraph_cache_hit"], c["fxfuse_linear_calls_removed"])
+model, x = Attention().train(train), torch.randn(2, 16)
+with fxfuse.installed(hook, training=train) as p, torch.set_grad_enabled(train):
+    out = torch.compile(model)(x)
+    if train:
+        out.sum().backward()
+print(json.dumps({
+    "report": p.report.as_dict(),
+    "fxfuse": counters["fxfuse"],
+    "fx_hits": counters["inductor"]["fxgraph_cache_hit"],
+    "aot_hits": counters["aot_autograd"]["autograd_cache_hit"],
+    "removed_counter": counters["inductor"]["fxfuse_linear_calls_removed"],
+}))
 """
 
 
-def test_cache_hit_still_reports(tmp_path):
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    runs = [subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True, env=env,
-                           cwd=Path(__file__).parents[1], timeout=600) for _ in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
-    (hits1, removed1), (hits2, removed2) = (map(int, r.stdout.split()[-2:]) for r in runs)
-    assert hits1 == 0 and removed1 == 9
-    assert hits2 >= 1 and removed2 == 9  # the pass did not run; the cache replayed its counters
+def compile_in_subprocess(cache_dir, hook, train=False, aot_cache=True):
+    """Run CACHE_SCRIPT with the compile caches on (this file turns them off
+    in-process); returns its JSON and its fxfuse log lines."""
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1" if aot_cache else "0",
+        "TORCH_LOGS": "fxfuse",
+        # Speed only: no pool of compile workers, no probing of the CPU's
+        # vector ISAs (seconds of C++ builds in a fresh cache directory).
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+        "TORCHINDUCTOR_VEC_ISA_OK": "0",
+    }
+    run = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, hook, "train" if train else "infer"],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr
+    logged = [line[line.index("fxfuse: "):] for line in run.stderr.splitlines() if "fxfuse: " in line]
+    return json.loads(run.stdout.splitlines()[-1]), logged
+
+
+@pytest.mark.parametrize("hook, train", [(h, False) for h in HOOKS] + [("joint_custom_pre_pass", True)])
+def test_cache_hit_still_reports(hook, train, tmp_path):
+    (first, first_log), (second, second_log) = (compile_in_subprocess(tmp_path, hook, train) for _ in range(2))
+    assert first["fx_hits"] == first["aot_hits"] == 0
+    groups = [g["members"] for g in first["report"]["groups"]]
+    assert groups == [["q", "k", "v"]] and first["report"]["removed"] == 2
+    # The second process hit the AOTAutograd cache: no pass ran there, yet it
+    # reports the same groups through every way the first one did.
+    assert second["aot_hits"] == 1 and second["fx_hits"] >= 1
+    assert second["report"] == first["report"] and second["fxfuse"] == first["fxfuse"]
+    assert second["removed_counter"] == first["removed_counter"] == 2
+    assert [line.replace(" (from the compile cache)", "") for line in second_log] == first_log
+    assert all("(from the compile cache)" in line for line in second_log) and "[q, k, v]" in first_log[0]
+
+
+def test_fx_cache_hit_after_the_pass_ran_reports_once(tmp_path):
+    # Without the AOTAutograd cache the joint pass runs again and reports; its
+    # forward graph then hits the FX graph cache, which replays the same report.
+    (first, _), (second, second_log) = (
+        compile_in_subprocess(tmp_path, "joint_custom_pre_pass", aot_cache=False) for _ in range(2))
+    assert second["aot_hits"] == 0 and second["fx_hits"] == 1
+    assert second["report"] == first["report"] and second["fxfuse"] == first["fxfuse"]
+    assert len(second_log) == 1 and "from the compile cache" not in second_log[0]
 
 
 def test_frozen_constants_are_concatenated_once():
