@@ -10,37 +10,108 @@ AOTAutograd decomposes ``F.linear`` on a ``[B, S, K]`` input into
 
 so the siblings are the mm/addmm nodes whose input views the same source
 node with the same shape. torch.export keeps ``aten.linear(x, w, b)``.
-The group is rewritten in the same dialect: one view, one permute of the
-concatenated weights, one mm/addmm, one split along the last dim.
+
+Weight-only quantization (``linear(x, w.to(dt)) * s (+ b)`` in the model)
+adds a cast of the stored weight, before or after the transpose, and the
+per-channel scales after the GEMM:
+
+    wt  = aten.permute(prims.convert_element_type(w_int8, f32), [1, 0])
+    out = aten.mm(view, wt)
+    y   = aten.add(aten.mul(aten.view(out, [B, S, N]), s), b)
+    # export: aten.mul(aten.linear(x, aten.to(w_int8, f32)), s); after
+    # run_decompositions the cast is aten._to_copy(w_int8, dtype=f32)
+
+Such a member's weight is the stored w, its `cast` the dtype and its `scale`
+s, as at the torch level (see match.py).
+
+The group is rewritten in the same dialect: one view, one cast of the
+concatenated stored weights (the members' own cast op), one permute, one
+mm/addmm (or aten.linear), the members' output view; rewrite.py adds the
+multiply, the bias add and the split.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import fx
 
+from .match import _scaled
+
 if TYPE_CHECKING:
     from .match import Linear
 
-aten = torch.ops.aten
+aten, prims = torch.ops.aten, torch.ops.prims
 
-__all__ = ["as_aten_linear", "is_aten_group", "emit_aten"]
+__all__ = ["as_aten_linear", "is_aten_group", "emit_aten", "emit_cast"]
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
-def _weight_of(gm: fx.GraphModule, wt: object, value_of: Callable) -> Optional[fx.Node]:
-    """w if `wt` is ``permute(w, [1, 0])`` or ``t(w)`` of a 2-D w."""
-    if not isinstance(wt, fx.Node) or wt.op != "call_function":
-        return None
-    if wt.target is aten.t.default or (wt.target is aten.permute.default and list(wt.args[1]) == [1, 0]):
-        w = wt.args[0]
-        v = value_of(gm, w) if isinstance(w, fx.Node) else None
-        return w if isinstance(v, torch.Tensor) and v.dim() == 2 else None  # type: ignore[return-value]
+def _untransposed(n: fx.Node) -> Optional[object]:
+    """w if `n` is ``permute(w, [1, 0])`` or ``t(w)``."""
+    if n.target is aten.t.default or (n.target is aten.permute.default and list(n.args[1]) == [1, 0]):
+        return n.args[0]
     return None
+
+
+def _cast_of(n: object) -> Optional[tuple[object, object]]:
+    """(w, dtype) if `n` casts w to dtype and does nothing else."""
+    if not isinstance(n, fx.Node) or n.op != "call_function":
+        return None
+    args, kwargs = n.args, n.kwargs
+    if n.target in (prims.convert_element_type.default, aten.to.dtype) and len(args) == 2 and not kwargs:
+        return args[0], args[1]
+    if n.target is aten._to_copy.default and len(args) == 1 and list(kwargs) == ["dtype"]:
+        return args[0], kwargs["dtype"]
+    return None
+
+
+def _changes_dtype(gm: fx.GraphModule, cast: Optional[tuple[object, object]], value_of: Callable) -> bool:
+    """Is `cast` (from `_cast_of`) a real conversion of a tensor to another dtype?"""
+    if cast is None or not isinstance(cast[0], fx.Node) or not isinstance(cast[1], torch.dtype):
+        return False
+    v = value_of(gm, cast[0])
+    return isinstance(v, torch.Tensor) and v.dtype != cast[1]
+
+
+def _stored_weight(
+    gm: fx.GraphModule, wt: object, value_of: Callable
+) -> Optional[tuple[fx.Node, Optional[torch.dtype], tuple[fx.Node, ...]]]:
+    """(w, cast dtype or None, the nodes peeled) if the mm operand `wt` is
+    t(w), t(cast(w)) or cast(t(w)) of a 2-D w."""
+    n, cast, peeled = wt, None, []
+    while isinstance(n, fx.Node) and n.op == "call_function":
+        if (inner := _untransposed(n)) is not None:
+            peeled.append(n)
+            v = value_of(gm, inner) if isinstance(inner, fx.Node) else None
+            if not (isinstance(v, torch.Tensor) and v.dim() == 2):
+                return None
+            if cast is None and _changes_dtype(gm, c := _cast_of(inner), value_of):
+                (inner, cast), peeled = c, [*peeled, inner]  # type: ignore[misc]
+            return inner, cast, tuple(peeled)  # type: ignore[return-value]
+        if cast is not None or not _changes_dtype(gm, c := _cast_of(n), value_of):
+            return None
+        (n, cast), peeled = c, [n]  # type: ignore[misc]
+    return None
+
+
+def _output_view(gm: fx.GraphModule, node: fx.Node, width: int, value_of: Callable) -> Optional[fx.Node]:
+    """The view of a 2-D GEMM result back to the input's leading dims, if it is
+    the result's only user. Its shape is reused for the fused result, so its
+    sizes must be known anywhere: constants or graph inputs (symbolic sizes)."""
+    if len(node.users) != 1:
+        return None
+    (view,) = node.users
+    if view.target not in _VIEWS or view.args[0] is not node or len(view.args) != 2:
+        return None
+    v = value_of(gm, view)
+    if not isinstance(v, torch.Tensor) or v.shape[-1] != width:
+        return None
+    if not all(isinstance(d, int) or (isinstance(d, fx.Node) and d.op == "placeholder") for d in view.args[1]):
+        return None
+    return view
 
 
 def as_aten_linear(
@@ -55,7 +126,11 @@ def as_aten_linear(
         b = rest[0] if rest else None
         if not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or not (b is None or isinstance(b, fx.Node)):
             return None
-        return make(node, x, w, b, name)
+        cast = _cast_of(w)
+        if not _changes_dtype(gm, cast, value_of):
+            return make(node, x, w, b, name)
+        (w, dtype), dead = cast, (w,)  # type: ignore[misc]
+        return _dequantized(gm, node, node, x, w, b, dtype, dead, name, value_of, make)
     if node.target is aten.mm.default and len(node.args) == 2:
         b, (a, wt) = None, node.args
     elif node.target is aten.addmm.default and len(node.args) == 3:
@@ -65,33 +140,62 @@ def as_aten_linear(
             return None  # a 2-D "bias" is not a linear's
     else:
         return None
-    w = _weight_of(gm, wt, value_of)
-    if w is None or not isinstance(a, fx.Node):
+    stored = _stored_weight(gm, wt, value_of)
+    if stored is None or not isinstance(a, fx.Node):
         return None
+    w, dtype, dead = stored
     # Siblings each view the same source: group by the source.
     x = a.args[0] if a.op == "call_function" and a.target in _VIEWS and isinstance(a.args[0], fx.Node) else a
-    dead = (wt, a) if x is not a else (wt,)
-    return make(node, x, w, b, name, dead=dead)
+    dead = (*dead, a) if x is not a else dead
+    if dtype is None:
+        return make(node, x, w, b, name, dead=dead)
+    out = _output_view(gm, node, value_of(gm, w).shape[0], value_of) or node
+    return _dequantized(gm, node, out, x, w, b, dtype, dead, name, value_of, make)
+
+
+def _dequantized(gm: fx.GraphModule, gemm: fx.Node, out: fx.Node, x: fx.Node, w: fx.Node, b: Optional[fx.Node],
+                 dtype: torch.dtype, dead: tuple, name: str, value_of: Callable, make: Callable) -> "Linear":
+    """A GEMM over ``w.to(dtype)``: with its bias inside, or followed (from
+    `out`, the GEMM or its view back) by per-channel scales and maybe a bias,
+    found as at the torch level."""
+    v = value_of(gm, w)
+    scaled = _scaled(gm, out, v.shape[0]) if b is None and v.dim() == 2 else None
+    if scaled is None:
+        return make(gemm, x, w, b, name, dead=dead, cast=dtype)
+    result, s, b, more = scaled
+    return make(result, x, w, b, name, reads=gemm, dead=(*dead, gemm, *more), cast=dtype, scale=s)
 
 
 def is_aten_group(members: list["Linear"]) -> bool:
     return isinstance(members[0].node.target, torch._ops.OpOverload)
 
 
+def emit_cast(graph: fx.Graph, member: "Linear", weight: fx.Node) -> fx.Node:
+    """`weight` cast the way `member` casts its own (the same op: prims for
+    Inductor, aten.to or aten._to_copy for export)."""
+    own = next(n for n in member.dead if _cast_of(n) is not None)
+    return graph.call_function(own.target, (weight, *own.args[1:]), dict(own.kwargs))
+
+
 def emit_aten(graph: fx.Graph, members: list["Linear"], x: fx.Node, weight: fx.Node,
-              bias: Optional[fx.Node], widths: list[int]) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
+              bias: Optional[fx.Node], width: int) -> list[fx.Node]:
     """Insert the fused GEMM (at the graph's insert point) in the members'
-    dialect; return (fused node, split node, pieces)."""
-    ref = members[0].node
-    if ref.target is aten.linear.default:
-        fused = graph.call_function(aten.linear.default, (x, weight, bias))
+    dialect; return it, followed by the view back to the members' leading dims
+    when theirs had one (mm/addmm of a 3-D input, then scales)."""
+    ref = members[0]
+    gemm = ref.reads
+    assert gemm is not None
+    if gemm.target is aten.linear.default:
+        return [graph.call_function(aten.linear.default, (x, weight, bias))]
+    a = gemm.args[1] if gemm.target is aten.addmm.default else gemm.args[0]  # the member's view of x
+    wt = graph.call_function(aten.permute.default, (weight, [1, 0]))
+    if bias is None:
+        fused = graph.call_function(aten.mm.default, (a, wt))
     else:
-        a = ref.args[1] if ref.target is aten.addmm.default else ref.args[0]  # the member's view of x
-        wt = graph.call_function(aten.permute.default, (weight, [1, 0]))
-        if bias is None:
-            fused = graph.call_function(aten.mm.default, (a, wt))
-        else:
-            fused = graph.call_function(aten.addmm.default, (bias, a, wt))
-    parts = graph.call_function(aten.split_with_sizes.default, (fused, list(widths), -1))
-    outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
-    return fused, parts, outs
+        fused = graph.call_function(aten.addmm.default, (bias, a, wt))
+    # A scaled member's GEMM has one user: the view `_output_view` accepted, or the multiply.
+    view = next(iter(gemm.users)) if gemm is not ref.node else None
+    if view is None or view.target not in _VIEWS:
+        return [fused]
+    shape = [*view.args[1][:-1], width]  # type: ignore[index]
+    return [fused, graph.call_function(view.target, (fused, shape))]

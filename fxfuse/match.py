@@ -173,17 +173,22 @@ def _other_operand(user: fx.Node, node: fx.Node, ops: tuple) -> Optional[object]
     return args[1 - args.index(node)] if node in args else None
 
 
+# Torch-level and aten spellings: aten.py finds the scales of aten GEMMs here too.
+_MULS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+_ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+
+
 def _scaled(gm: fx.GraphModule, node: fx.Node, width: int) -> Optional[tuple]:
     """(result, scales, bias, dead) for ``node * s (+ b)``, or None."""
     if len(node.users) != 1:
         return None
     (mul,) = node.users
-    s = _other_operand(mul, node, (operator.mul, torch.mul))
+    s = _other_operand(mul, node, _MULS)
     if not _per_channel(gm, s, width):
         return None
     if len(mul.users) == 1:  # a bias added after the scale
         (add,) = mul.users
-        bias = _other_operand(add, mul, (operator.add, torch.add))
+        bias = _other_operand(add, mul, _ADDS)
         if _per_channel(gm, bias, width):
             return add, s, bias, (node, mul)
     return mul, s, None, (node,)

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .aten import emit_aten, is_aten_group
+from .aten import emit_aten, emit_cast, is_aten_group
 from .match import Group, Operand, value_of
 
 __all__ = ["fuse_group", "Rerouted", "SPLIT_SIZES_KEY"]
@@ -33,20 +33,30 @@ Rerouted = tuple[fx.Node, fx.Node, list[fx.Node]]
 # parallelism, export) can cut the fused weight apart again.
 SPLIT_SIZES_KEY = "fxfuse_split_sizes"
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
-aten, prims = torch.ops.aten, torch.ops.prims
+aten = torch.ops.aten
 
-# Weight-side ops per dialect: concatenate along dim 0, zeros of a width, cast.
-_TORCH: dict[str, Callable[..., fx.Node]] = {
+# Ops per dialect: concatenate along dim 0, zeros of a width, the member's
+# cast of a weight, the GEMM (with the view back to the members' leading dims
+# in aten), the scales' multiply, the bias add, the split along the last dim.
+_TORCH: dict[str, Callable[..., Any]] = {
     "cat": lambda g, ns: g.call_function(torch.cat, (ns,), {"dim": 0}),
     "zeros": lambda g, w, n, dt, dev: g.call_method("new_zeros", (w, (n,)), {"dtype": dt}),
-    "cast": lambda g, w, dt: g.call_method("to", (w,), {"dtype": dt}),
+    "cast": lambda g, m, w: g.call_method("to", (w,), {"dtype": m.cast}),
+    "gemm": lambda g, ms, x, w, b, n: [g.call_function(torch._C._nn.linear, (x, w, b))],
+    "mul": lambda g, y, s: g.call_function(operator.mul, (y, s)),
+    "add": lambda g, y, b: g.call_function(operator.add, (y, b)),
+    "split": lambda g, y, widths: g.call_function(torch.split, (y, widths), {"dim": -1}),
 }
-_ATEN: dict[str, Callable[..., fx.Node]] = {
+_ATEN: dict[str, Callable[..., Any]] = {
     "cat": lambda g, ns: g.call_function(aten.cat.default, (ns, 0)),
     # aten.full: Inductor lowers it (aten.new_zeros is decomposed before lowering).
     "zeros": lambda g, w, n, dt, dev: g.call_function(
         aten.full.default, ([n], 0), {"dtype": dt, "layout": torch.strided, "device": dev, "pin_memory": False}),
-    "cast": lambda g, w, dt: g.call_function(prims.convert_element_type.default, (w, dt)),
+    "cast": emit_cast,
+    "gemm": emit_aten,
+    "mul": lambda g, y, s: g.call_function(aten.mul.Tensor, (y, s)),
+    "add": lambda g, y, b: g.call_function(aten.add.Tensor, (y, b)),
+    "split": lambda g, y, widths: g.call_function(aten.split_with_sizes.default, (y, widths, -1)),
 }
 
 
@@ -130,23 +140,18 @@ def fuse_group(
     with graph.inserting_before(anchor):
         weight, bias, scale = stacked("weight"), stacked("bias"), stacked("scale")
         if ref.cast is not None:
-            weight = dialect["cast"](graph, weight, ref.cast)
+            weight = dialect["cast"](graph, ref, weight)
             made.append((weight, (n_total, *k_dims), ref.cast))
-        gemm_bias = bias if scale is None else None
-        if dialect is _ATEN:
-            fused, parts, outs = emit_aten(graph, members, group.input, weight, gemm_bias, list(group.widths))
-            chain = [fused]
-        else:
-            fused = graph.call_function(torch._C._nn.linear, (group.input, weight, gemm_bias))
-            chain = [fused]
-            if scale is not None:
-                chain.append(graph.call_function(operator.mul, (chain[-1], scale)))
-                if bias is not None:
-                    chain.append(graph.call_function(operator.add, (chain[-1], bias)))
-            parts, outs = None, [chain[-1]]
-            if len(members) > 1:
-                parts = graph.call_function(torch.split, (chain[-1], list(group.widths)), {"dim": -1})
-                outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+        chain = dialect["gemm"](graph, members, group.input, weight, bias if scale is None else None, n_total)
+        fused = chain[0]
+        if scale is not None:  # dequantized: the scales, then the bias, apply to the GEMM's result
+            chain.append(dialect["mul"](graph, chain[-1], scale))
+            if bias is not None:
+                chain.append(dialect["add"](graph, chain[-1], bias))
+        parts, outs = None, [chain[-1]]
+        if len(members) > 1:
+            parts = dialect["split"](graph, chain[-1], list(group.widths))
+            outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
     fused.meta[SPLIT_SIZES_KEY] = list(group.widths)
     new_nodes = [n for n, _, _ in made] + chain + ([parts] if parts is not None else [])
     new_nodes += [n for n in fused.all_input_nodes if n.op == "call_function" and not n.meta]  # aten permute
@@ -226,9 +231,14 @@ def _set_values(gm: fx.GraphModule, group: Group, key: str, made: list, fused: f
             w = n.args[0].meta.get(key) if isinstance(n.args[0], fx.Node) else None
             if isinstance(w, torch.Tensor):
                 n.meta[key] = _fake_empty(ref, (w.shape[1], w.shape[0]), w.dtype)[0]
-    # The fused output has the members' leading dims (2-D for aten mm/addmm).
-    shape = (*ref.shape[:-1], sum(group.widths))
-    for n in chain:
+    # The fused output has the members' leading dims (2-D for aten mm/addmm);
+    # the GEMM those of the members' own GEMM (2-D before an aten view back).
+    n_total = sum(group.widths)
+    gemm = group.members[0].reads.meta.get(key)  # type: ignore[union-attr]
+    gemm = gemm if isinstance(gemm, FakeTensor) else ref
+    shape = (*ref.shape[:-1], n_total)
+    chain[0].meta[key] = _fake_empty(ref, (*gemm.shape[:-1], n_total), gemm.dtype)[0]
+    for n in chain[1:]:
         n.meta[key] = _fake_empty(ref, shape, ref.dtype)[0]
     if parts is None:  # one distinct member: its output is the chain's end
         return
