@@ -30,6 +30,8 @@ class Reason(str, enum.Enum):
 
     UNKNOWN_WEIGHT = "unknown_weight"  # no tensor value in the node's meta
     TENSOR_SUBCLASS = "tensor_subclass_weight"
+    # Packed in another dtype than it computes in (torchao's Int8Tensor, AffineQuantizedTensor, ...).
+    QUANTIZED_SUBCLASS = "quantized_tensor_subclass_weight"
     WEIGHT_NOT_2D = "weight_not_2d"
     SYMBOLIC_SHAPE = "symbolic_weight_shape"
     BAD_BIAS = "bias_shape_or_dtype"
@@ -56,6 +58,22 @@ def _is_plain(t: object) -> bool:
     return isinstance(t, torch.Tensor) and not is_traceable_wrapper_subclass(t)
 
 
+def _packs_narrower(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Does the wrapper subclass `t` keep data (at any depth) in an integer
+    dtype, or a floating one narrower than `dtype`? Then it is a quantized
+    weight: its linear is the subclass's own kernel, with nothing to concatenate."""
+    for name in t.__tensor_flatten__()[0]:
+        inner = getattr(t, name, None)
+        if is_traceable_wrapper_subclass(inner):
+            if _packs_narrower(inner, dtype):  # type: ignore[arg-type]
+                return True
+        elif isinstance(inner, torch.Tensor) and (
+            not inner.is_floating_point() or inner.element_size() < dtype.itemsize
+        ):
+            return True
+    return False
+
+
 def _is_static(n: object) -> bool:
     return isinstance(n, int) and not isinstance(n, bool)
 
@@ -66,7 +84,7 @@ def check_member(gm: fx.GraphModule, lin: Linear, allow_grad: bool) -> Optional[
     if not isinstance(w, torch.Tensor):
         return Reason.UNKNOWN_WEIGHT
     if not _is_plain(w):
-        return Reason.TENSOR_SUBCLASS
+        return Reason.QUANTIZED_SUBCLASS if _packs_narrower(w, w.dtype) else Reason.TENSOR_SUBCLASS
     if w.dim() != 2:
         return Reason.WEIGHT_NOT_2D
     if not all(_is_static(s) for s in w.shape):

@@ -228,3 +228,29 @@ def test_no_fuse_exported_int8_with_plain_sibling():
     assert fused.graph_module.code == ep.graph_module.code
     assert fused.fxfuse_report.skipped == {Reason.QUANT_MISMATCH.value: 2}
 
+
+# ------------------------------------------------------------ torchao
+
+
+class PlainQKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(64, 64), nn.Linear(64, 32, bias=False), nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x)
+
+
+def test_no_fuse_quantized_tensor_subclass_torchao():
+    # torchao's weight-only int8 weights are tensor subclasses (Int8Tensor):
+    # their linear is torchao's own kernel over the packed data.
+    quantization = pytest.importorskip("torchao.quantization")
+    model, x = PlainQKV().eval(), torch.randn(2, 3, 64)
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    be = fxfuse.backend(inner="eager")
+    with torch.no_grad():
+        out, ref = torch.compile(model, backend=be)(x), model(x)
+    assert be.report.removed == 0 and be.report.skipped == {Reason.QUANTIZED_SUBCLASS.value: 3}
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
