@@ -35,6 +35,19 @@ __all__ = ["fuse_exported"]
 _STORED = (InputKind.PARAMETER, InputKind.BUFFER)
 
 
+# export checks the dtype of what a cast reads (int8 weights) with
+# _assert_tensor_metadata; a member the program no longer reads needs no check.
+_ASSERT = getattr(getattr(torch.ops.aten, "_assert_tensor_metadata", None), "default", None)
+
+
+def _is_assert(node: fx.Node) -> bool:
+    return _ASSERT is not None and node.target is _ASSERT
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not _is_assert(u)]
+
+
 class _ExportedWeights:
     """Weight source: concatenate parameter/buffer members into new parameters."""
 
@@ -47,7 +60,7 @@ class _ExportedWeights:
 
     def _tensor(self, op: Any) -> Optional[torch.Tensor]:
         spec = self.spec_of.get(op.name) if isinstance(op, fx.Node) and op.op == "placeholder" else None
-        if spec is None or spec.kind not in _STORED or len(op.users) != 1:
+        if spec is None or spec.kind not in _STORED or len(_readers(op)) != 1:
             return None
         t = self.ep.state_dict.get(spec.target)  # type: ignore[arg-type]
         return t if isinstance(t, torch.Tensor) else None
@@ -89,6 +102,19 @@ class _ExportedWeights:
         return node
 
 
+def _renamed_outputs(gm: fx.GraphModule, specs: list) -> list:
+    """Output specs naming the graph's outputs now: a member's output that
+    the program returns is a split piece after fusion."""
+    outs = gm.graph.output_node().args[0]
+    new = []
+    for spec, out in zip(specs, outs):
+        if isinstance(spec.arg, TensorArgument) and isinstance(out, fx.Node) and spec.arg.name != out.name:
+            spec = copy.copy(spec)
+            spec.arg = TensorArgument(name=out.name)
+        new.append(spec)
+    return new
+
+
 def fuse_exported(ep: ExportedProgram, **options: Any) -> ExportedProgram:
     """A new ExportedProgram with sibling linears fused (options: `FuseConfig`'s).
 
@@ -103,12 +129,15 @@ def fuse_exported(ep: ExportedProgram, **options: Any) -> ExportedProgram:
     # Members read through a fused parameter leave the program.
     for node in list(gm.graph.find_nodes(op="placeholder")):
         spec = source.spec_of.get(node.name)
-        if spec is not None and spec.target in source.replaced and not node.users:
+        if spec is not None and spec.target in source.replaced and not _readers(node):
+            for check in list(node.users):
+                gm.graph.erase_node(check)
             gm.graph.erase_node(node)
             specs.remove(spec)
     gm.recompile()
     signature = copy.copy(ep.graph_signature)
     signature.input_specs = specs
+    signature.output_specs = _renamed_outputs(gm, signature.output_specs)
     state = {k: v for k, v in ep.state_dict.items() if k not in source.replaced}
     state.update(source.new_state)
     fused = ep._update(gm, signature, state_dict=state)

@@ -65,3 +65,44 @@ def test_fuse_exported_compiles_with_aoti(exported, tmp_path):
     runner = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
         torch.testing.assert_close(runner(TOKENS), model(TOKENS))
+
+
+class QKVOut(torch.nn.Module):
+    """Members' outputs are the program's outputs themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(16, n) for n in (16, 8, 8))
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x)
+
+
+def test_fuse_exported_member_outputs_returned_from_the_program():
+    torch.manual_seed(0)
+    model, x = QKVOut().eval(), torch.randn(3, 16)
+    fused = fxfuse.fuse_exported(torch.export.export(model, (x,)))
+    assert fused.fxfuse_report.removed == 2
+    fused.validate()
+    out_names = [s.arg.name for s in fused.graph_signature.output_specs]
+    assert out_names == [a.name for a in fused.graph.output_node().args[0]]
+    with torch.no_grad():
+        for a, b in zip(fused.module()(x), model(x)):
+            torch.testing.assert_close(a, b)
+
+
+def test_fuse_exported_int8_weights_are_parameters():
+    from fxfuse.models import quantize_int8
+
+    torch.manual_seed(0)
+    model = quantize_int8(Transformer(LlamaConfig(n_layer=2))).eval()
+    ep = torch.export.export(model, (TOKENS,))
+    fused = fxfuse.fuse_exported(ep)
+    assert fused.fxfuse_report.removed == 6
+    assert {g.weights for g in fused.fxfuse_report.groups} == {"storage"}
+    # No second copy: the members' int8 weights and scales left the state dict.
+    size = lambda e: sum(t.numel() * t.element_size() for t in e.state_dict.values())  # noqa: E731
+    assert size(fused) == size(ep)
+    fused.validate()
+    with torch.no_grad():
+        torch.testing.assert_close(fused.module()(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-4)
