@@ -124,7 +124,14 @@ def plan(
                 refuse([lin], reason)
         buckets = _buckets(gm, ok)
         for bucket in buckets:
-            for group in _chunks(gm, bucket, config.max_group_size):
+            groups = _chunks(gm, bucket, config.max_group_size)
+            # A repeat of a call whose output the graph returns too stays its
+            # own call: computed once, the caller would get one tensor twice.
+            kept = {id(lin) for g in groups for lin in g.calls}
+            left = [lin for lin in bucket if id(lin) not in kept]
+            if left:
+                refuse(left, Reason.DUPLICATE_OUTPUT_LEAVES_GRAPH)
+            for group in groups:
                 calls = group.calls
                 if len(calls) < config.min_group_size:
                     # Too small because its siblings could not join it: say why.
@@ -154,6 +161,8 @@ def _chunks(gm: fx.GraphModule, bucket: list[Linear], cap: Optional[int]) -> lis
     dups: list[tuple[Linear, int]] = []
     for lin in bucket:
         key = (lin.weight, lin.bias)
+        if key in first and legality.leaves_graph(gm, lin) and legality.leaves_graph(gm, unique[first[key]]):
+            continue  # both returned: one tensor twice would alias them (see plan)
         if key in first:
             dups.append((lin, first[key]))
         else:

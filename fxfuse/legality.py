@@ -49,6 +49,7 @@ class Reason(str, enum.Enum):
     OUTPUT_WRITTEN = "member_output_written_in_place"
     UNUSED_OUTPUT = "unused_output"
     OUTPUT_LEAVES_GRAPH = "output_leaves_graph_with_grad"
+    DUPLICATE_OUTPUT_LEAVES_GRAPH = "repeated_call_output_leaves_graph"
     NO_LEGAL_POSITION = "no_legal_position"
     VETOED = "vetoed_by_should_fuse"
     ERROR = "error_in_pass"
@@ -284,7 +285,11 @@ def written_nodes(gm: fx.GraphModule, nodes: list[fx.Node]) -> tuple[set[fx.Node
 
 def leaves_graph(gm: fx.GraphModule, lin: Linear) -> bool:
     """Is the call's result (or a view of it) an output of the graph?"""
-    views = [lin.node] + [u for u in lin.node.users if _view_parent(gm, u) is lin.node]
+    own = _storage(gm, lin.node)
+    # A method that may return self (`.relu()` does not) counts unless the
+    # values show another storage.
+    views = [lin.node] + [u for u in lin.node.users if _view_parent(gm, u) is lin.node
+                          and (own is None or _storage(gm, u) in (None, own))]
     return any(u.op == "output" for v in views for u in v.users)
 
 

@@ -202,13 +202,16 @@ def _keep_views_legal(graph: fx.Graph, piece: fx.Node, key: Optional[str], is_at
 
 def _view_ok(val: FakeTensor, shape_args: tuple) -> bool:
     shape = shape_args[0] if len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple)) else shape_args
-    if not all(isinstance(d, int) for d in shape):
+    if not all(isinstance(d, int) for d in (*shape, *val.shape, *val.stride())):
         return False  # symbolic: be safe
+    # A meta tensor of the piece's layout, not the fake value itself: the fake
+    # view accepts [2, 1, 2] with strides (5, 5, 1) -> (-1,), which the real
+    # (and meta) view refuses.
+    meta = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device="meta")
     try:
-        with val.fake_mode:
-            val.view(*shape)
+        meta.view(*shape)
         return True
-    except Exception:  # noqa: BLE001 - the fake view refused: the real one would too
+    except RuntimeError:  # the meta view refused: the real one would too
         return False
 
 

@@ -167,7 +167,7 @@ def test_fuse_matmul_forms_in_one_group():
         d = x.matmul(w3.transpose(0, 1))
         e = b4 + x @ w4.permute(1, 0)
         g = F.linear(x, w2)  # an exact duplicate of c, in another form
-        return a, c, d, e, g
+        return a, c, d, e, g * 2  # (g itself returned would stay its own call)
 
     args = (torch.randn(2, 3, 8), *(torch.randn(n, 8) for n in (4, 6, 4, 2)), torch.randn(4), torch.randn(2))
     gm, report = fuse_and_check(f, *args, expect_removed=4)

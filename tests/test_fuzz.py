@@ -76,10 +76,7 @@ KNOWN_BUGS = os.environ.get("FXFUSE_FUZZ_KNOWN_BUGS") == "1"
 # reproduction is a strict xfail and the generator leaves the construct out
 # (unless FXFUSE_FUZZ_KNOWN_BUGS=1); once fixed, drop the name: the
 # reproduction then guards the fix and the fuzzer explores the construct.
-OPEN_BUGS: set[str] = {
-    "view_of_member_output",
-    "member_output_escapes",
-}
+OPEN_BUGS: set[str] = set()
 
 
 def allowed(bug: str) -> bool:
@@ -697,10 +694,11 @@ def test_bug_positional_inplace(op):
 # unfused); and where the weights had gone into one storage (no_grad, or
 # frozen weights) the undone rewrite left the storage inputs behind, so the
 # call raised TypeError ("forward() takes 4 positional arguments but 5 were
-# given"). Now a .contiguous() is inserted, but not when a dim of the input is
-# 1 (x of [2, 1, 4], a decode step: the piece [2, 1, 2] with strides (5, 5, 1)
-# is taken for viewable), and the call raises RuntimeError again:
-# "view size is not compatible with input tensor's size and stride".
+# given"). Now a .contiguous() is inserted where the view needs one. At first
+# not when a dim of the input was 1 (x of [2, 1, 4], a decode step): the fake
+# view accepted the piece [2, 1, 2] with strides (5, 5, 1) while the real one
+# raised "view size is not compatible with input tensor's size and stride";
+# the check now views a meta tensor of the piece's layout.
 @pytest.mark.parametrize("path", ["storage", "cat"])
 @pytest.mark.parametrize("shape", [
     pytest.param((2, 4), id="2x4"), pytest.param((2, 3, 4), id="2x3x4"),
@@ -834,8 +832,9 @@ def test_bug_storage_keeps_parameter_strides():
 # autograd: writing it in place raises) or, for duplicates, one tensor
 # returned twice (writing one changes the other; `a is b`). After a graph
 # break the write even fails Dynamo's trace of the next graph. (The cases with
-# grad are now refused as "output_leaves_graph_with_grad"; duplicates returned
-# under no_grad are still one tensor.)
+# grad are refused as "output_leaves_graph_with_grad"; a repeated call whose
+# output and its original's are both returned stays its own call,
+# "repeated_call_output_leaves_graph".)
 @pytest.mark.parametrize("case", [
     "caller_writes_with_grad",
     pytest.param("duplicates_returned", marks=bug(

@@ -236,3 +236,14 @@ def test_higher_order_ops_compile_and_match():
     out = torch.compile(model, backend=be)(x)
     torch.testing.assert_close(out, model(x))
     assert be.report.errors == [] and be.report.removed >= 1
+
+
+def test_no_fuse_repeated_call_output_leaves_graph():
+    # Computed once, the two results would be one tensor returned twice:
+    # writing one would change the other.
+    def twice(x, w):
+        return F.linear(x, w), F.linear(x, w)
+
+    gm, inputs = capture_with_inputs(twice, torch.randn(2, 4), torch.randn(3, 4))
+    report = assert_left_alone(gm, Reason.DUPLICATE_OUTPUT_LEAVES_GRAPH, 1, inputs=inputs)
+    assert report.skipped == {"repeated_call_output_leaves_graph": 1, "below_min_group_size": 1}
