@@ -368,6 +368,23 @@ def installed(hook: str = POST_GRAD, **options: Any) -> Iterator[FxfusePass]:
 def _appended(current: Any, pass_: CustomGraphPass) -> Any:
     if current is None:
         return pass_
-    if isinstance(current, (list, tuple)):
-        return type(current)([*current, pass_])
-    return [current, pass_]
+    passes = [*current] if isinstance(current, (list, tuple)) else [current]
+    if hasattr(custom_graph_pass, "get_custom_graph_passes"):  # torch 2.13: a hook takes a list
+        return type(current)(passes + [pass_]) if isinstance(current, (list, tuple)) else passes + [pass_]
+    return _Chain(passes + [pass_])
+
+
+class _Chain(CustomGraphPass):
+    """Several passes in one hook, for torch 2.11, whose hooks call one."""
+
+    def __init__(self, passes: list[Any]) -> None:
+        self.passes = passes
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for pass_ in self.passes:
+            pass_(graph)
+
+    def uuid(self) -> Optional[Any]:
+        # A plain function has no uuid: then neither has the chain (no caching).
+        ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes]
+        return None if any(i is None for i in ids) else tuple(ids)
