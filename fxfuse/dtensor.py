@@ -57,7 +57,7 @@ def local_value(t: object) -> object:
 class Localized:
     """One call rewritten to its local form, and what restores it."""
 
-    chain: list[tuple]  # (node, op, target, args, kwargs, meta) of from_local .. to_local
+    chain: list[tuple]  # (node, op, target, args, kwargs, meta, prev) of from_local .. to_local
     linear: fx.Node  # the local linear that replaced the chain
     operands: list[fx.Node]  # its to_local() of the weight (and bias)
 
@@ -154,6 +154,8 @@ def localize(gm: fx.GraphModule, runs_with_grad: bool) -> tuple[list[Localized],
 
 def _localize_chain(graph: fx.Graph, chain: list[fx.Node]) -> Localized:
     xd, lin, out = chain[0], chain[1], chain[-1]
+    # Each node and the node before it: `restore` puts it back in its place.
+    saved = [(n, n.op, n.target, n.args, n.kwargs, n.meta, n.prev) for n in chain]
     # The local weights go after the placeholders, so that they do not limit
     # where the fused GEMM can be placed (before any member's first user).
     first = next(n for n in graph.nodes if n.op != "placeholder")
@@ -165,7 +167,6 @@ def _localize_chain(graph: fx.Graph, chain: list[fx.Node]) -> Localized:
     with graph.inserting_before(lin):
         new = graph.call_function(lin.target, (xd.args[0], *operands))
     new.meta = {**lin.meta, "example_value": _val(out)}
-    saved = [(n, n.op, n.target, n.args, n.kwargs, n.meta) for n in chain]
     out.replace_all_uses_with(new)
     for n in reversed(chain):
         graph.erase_node(n)
@@ -179,25 +180,30 @@ def restore(gm: fx.GraphModule, localized: list[Localized]) -> int:
     graph = gm.graph
     alive = set(graph.nodes)
     back = 0
+    env: dict[fx.Node, fx.Node] = {}  # erased chain node -> its new copy
     for loc in localized:
-        if loc.linear in alive:
-            env: dict[fx.Node, fx.Node] = {}  # erased chain node -> its new copy
-            with graph.inserting_before(loc.linear):
-                for old, op, target, args, kwargs, meta in loc.chain:
-                    args, kwargs = fx.map_arg((args, kwargs), lambda n: env.get(n, n))
-                    env[old] = graph.create_node(op, target, args, kwargs, old.name)
-                    env[old].meta = meta
-            last = env[loc.chain[-1][0]]
-            loc.linear.replace_all_uses_with(last)
-            graph.erase_node(loc.linear)
-            back += 1
+        if loc.linear not in alive:
+            continue  # fused
+        for old, op, target, args, kwargs, meta, prev in loc.chain:
+            args, kwargs = fx.map_arg((args, kwargs), lambda n: env.get(n, n))
+            prev = env.get(prev, prev)
+            # Where it was, unless the node before it went (fused away).
+            where = graph.inserting_after(prev) if prev in alive or prev in env.values() \
+                else graph.inserting_before(loc.linear)
+            with where:
+                env[old] = graph.create_node(op, target, args, kwargs, old.name)
+            env[old].meta = meta
+        loc.linear.replace_all_uses_with(env[loc.chain[-1][0]])
+        graph.erase_node(loc.linear)
+        back += 1
+    # Only now: a restored node may sit right after one of these.
+    for loc in localized:
         for op in loc.operands:
             if op in alive and not op.users:
                 graph.erase_node(op)
     if localized:
         gm.recompile()
     return back
-
 
 def repoint(member: object, piece: torch.Tensor) -> bool:
     """Make a DTensor `member` hold `piece` as its local tensor, keeping the
