@@ -72,9 +72,11 @@ def _forward_graph_counts(record: dict):
 
 
 def _structure(gm) -> list:
-    """The graph with node names replaced by positions: what it computes."""
+    """The graph with node names replaced by positions: what it computes.
+    Functions by name: older Dynamo makes a new closure per trace for the
+    DTensor calls."""
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return [(n.op, str(n.target) if n.op != "placeholder" else "",
+    return [(n.op, getattr(n.target, "__name__", str(n.target)) if n.op != "placeholder" else "",
              repr(torch.fx.map_arg((n.args, n.kwargs), lambda a: pos[a]))) for n in gm.graph.nodes]
 
 
