@@ -88,6 +88,7 @@ class FxfusePass(_GraphPass):
         with_grad = joint or (torch.is_grad_enabled() and not aten_graph)
         # A training step's forward graph: its weights need gradients as a joint graph's do.
         trains = joint or (aten_graph and _training_forward(is_inference))
+        exposed = _expose_frozen_weights(gm) if aten_graph else []
         try:
             report = _fuse(gm, self.config, _Constants(gm), runs_with_grad=with_grad, grad_graph=trains)
         except Exception as e:  # noqa: BLE001 - a pass must never break the compile
@@ -95,6 +96,8 @@ class FxfusePass(_GraphPass):
                 raise
             log.warning("fxfuse: %r; graph left unchanged", e)
             report = FuseReport(graphs=1, errors=[repr(e)])
+        finally:
+            _hide_unfused(gm, exposed)
         _drop_unread_constants(gm)
         publish(report, self, gm)
         if self.hook == POST_GRAD:
@@ -155,10 +158,7 @@ class _Constants:
             if not all(v is None or isinstance(v, torch.Tensor) for v in values):
                 return None
             fused = concat_rows(values, group.widths)  # type: ignore[arg-type]
-            i = 0
-            while hasattr(gm, f"_fxfuse_constant_{i}"):
-                i += 1
-            name = f"_fxfuse_constant_{i}"
+            name = _free_name(gm, "_fxfuse_constant")
             gm.register_buffer(name, fused)  # what a get_attr of a tensor expects
             anchor = next(o for o in ops if o is not None)
             with gm.graph.inserting_before(anchor):
@@ -176,6 +176,61 @@ class _Constants:
         # The member still reads it until the rewrite reroutes its users; the
         # constant goes once the rewrite has erased the member.
         self.gm.meta.setdefault("fxfuse_dropped_constants", []).append(node.target)
+
+
+def _expose_frozen_weights(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
+    """Freezing folds a linear's ``permute(w, [1, 0])`` into a constant: the
+    post-grad graph reads ``mm(x, c)`` with c of shape [K, N]. Present each
+    such constant as ``permute(c.t(), [1, 0])`` (a view: no copy), so that the
+    matcher sees the weight [N, K] it knows. Returns (c, c.t(), permute)."""
+    mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    made = []
+    for node in list(gm.graph.nodes):
+        c = node.args[-1] if node.op == "call_function" and node.target in mms else None
+        if not (isinstance(c, fx.Node) and c.op == "get_attr" and len(c.users) == 1):
+            continue
+        value, val = value_of(gm, c), c.meta.get("val")
+        if not (isinstance(value, torch.Tensor) and value.dim() == 2 and hasattr(val, "fake_mode")):
+            continue
+        name = _free_name(gm, "_fxfuse_transposed")
+        gm.register_buffer(name, value.t())
+        # Beside the constant (at the top): the fused GEMM must be able to go
+        # after every member's weight and before any member's first user.
+        with gm.graph.inserting_after(c):
+            perm = gm.graph.call_function(torch.ops.aten.permute.default, ())
+        with gm.graph.inserting_before(perm):
+            wt = gm.graph.get_attr(name)
+        perm.args = (wt, [1, 0])
+        wt.meta["val"] = val.fake_mode.from_tensor(value.t(), static_shapes=True)  # type: ignore[union-attr]
+        perm.meta["val"] = val
+        node.replace_input_with(c, perm)
+        made.append((c, wt, perm))
+    return made
+
+
+def _hide_unfused(gm: fx.GraphModule, made: list[tuple[fx.Node, fx.Node, fx.Node]]) -> None:
+    """Undo `_expose_frozen_weights` where the member was not fused."""
+    graph = gm.graph
+    alive = set(graph.nodes)
+    for c, wt, perm in made:
+        if perm in alive:
+            perm.replace_all_uses_with(c)
+            graph.erase_node(perm)
+        if wt in alive and not wt.users:
+            graph.erase_node(wt)
+            delattr(gm, str(wt.target))
+        # A fused member's own constant: read by nothing now.
+        if c in alive and not c.users:
+            gm.meta.setdefault("fxfuse_dropped_constants", []).append(c.target)
+    if made:
+        gm.recompile()
+
+
+def _free_name(gm: fx.GraphModule, prefix: str) -> str:
+    i = 0
+    while hasattr(gm, f"{prefix}_{i}"):
+        i += 1
+    return f"{prefix}_{i}"
 
 
 def _drop_unread_constants(gm: fx.GraphModule) -> None:
