@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-__all__ = ["Localized", "localize", "restore", "local_value"]
+__all__ = ["Localized", "is_dtensor", "local_value", "localize", "repoint", "restore"]
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 
@@ -107,11 +107,15 @@ def _colwise_chain(node: fx.Node, dt: type) -> Optional[list[fx.Node]]:
         return None
     if vw.device_mesh != vx.device_mesh or (b is not None and vb.device_mesh != vx.device_mesh):  # type: ignore[union-attr]
         return None
+    # The output must be sharded on its last dim: DTensor picks another
+    # placement (all-gathering the weight) when a shard would be empty.
+    if not isinstance(vy, torch.Tensor) or _placements(vy, dt) != (Shard(vy.dim() - 1),):
+        return None
     chain = [xd, node]
     user = _only_user(node)
     # A redistribute to the placements the output already has moves nothing.
     if _is_call(user, "redistribute"):
-        if _placements(_val(user), dt) != _placements(vy, dt) or _placements(vy, dt) != (Shard(vy.dim() - 1),):  # type: ignore[union-attr]
+        if _placements(_val(user), dt) != _placements(vy, dt):
             return None
         chain.append(user)
         user = _only_user(user)
@@ -126,10 +130,11 @@ def _local_node(graph: fx.Graph, operand: fx.Node) -> fx.Node:
     return node
 
 
-def localize(gm: fx.GraphModule, runs_with_grad: bool) -> tuple[list[Localized], int]:
+def localize(gm: fx.GraphModule) -> tuple[list[Localized], int]:
     """Rewrite colwise sibling calls of DTensor graphs to their local form.
     Returns the localized calls and the number of sibling calls left alone
-    because their input needs a gradient."""
+    because their input needs a gradient (whether or not this graph will
+    run with autograd: a bare graph does not say)."""
     dt = _dtensor_type()
     if dt is None or not any(isinstance(_val(n), dt) for n in gm.graph.find_nodes(op="placeholder")):
         return [], 0
@@ -140,19 +145,20 @@ def localize(gm: fx.GraphModule, runs_with_grad: bool) -> tuple[list[Localized],
             chains.setdefault((chain[0].args[0], _val(chain[0]).device_mesh), []).append(chain)  # type: ignore[union-attr]
     done: list[Localized] = []
     refused = 0
+    local_of: dict[fx.Node, fx.Node] = {}  # one to_local() per weight: repeats stay repeats
     for (x, _), group in chains.items():
         if len(group) < 2:
             continue  # nothing to fuse it with: leave it alone
-        if runs_with_grad and _val(x).requires_grad:  # type: ignore[union-attr]
+        if _val(x).requires_grad:  # type: ignore[union-attr]
             refused += len(group)
             continue
-        done += [_localize_chain(gm.graph, chain) for chain in group]
+        done += [_localize_chain(gm.graph, chain, local_of) for chain in group]
     if done:
         gm.recompile()
     return done, refused
 
 
-def _localize_chain(graph: fx.Graph, chain: list[fx.Node]) -> Localized:
+def _localize_chain(graph: fx.Graph, chain: list[fx.Node], local_of: dict[fx.Node, fx.Node]) -> Localized:
     xd, lin, out = chain[0], chain[1], chain[-1]
     # Each node and the node before it: `restore` puts it back in its place.
     saved = [(n, n.op, n.target, n.args, n.kwargs, n.meta, n.prev) for n in chain]
@@ -162,8 +168,10 @@ def _localize_chain(graph: fx.Graph, chain: list[fx.Node]) -> Localized:
     operands = []
     for o in lin.args[1:]:
         if o is not None:
-            with graph.inserting_before(first if o.op == "placeholder" else lin):
-                operands.append(_local_node(graph, o))
+            if o not in local_of:
+                with graph.inserting_before(first if o.op == "placeholder" else lin):
+                    local_of[o] = _local_node(graph, o)
+            operands.append(local_of[o])
     with graph.inserting_before(lin):
         new = graph.call_function(lin.target, (xd.args[0], *operands))
     new.meta = {**lin.meta, "example_value": _val(out)}
@@ -175,15 +183,16 @@ def _localize_chain(graph: fx.Graph, chain: list[fx.Node]) -> Localized:
 
 def restore(gm: fx.GraphModule, localized: list[Localized]) -> int:
     """Put back the DTensor form of each localized call still in the graph
-    (not fused); drop the to_local() nodes nothing reads. Returns how many
-    calls were put back."""
+    (not fused), each node after the node that preceded it; drop the
+    to_local() nodes nothing reads. Returns how many calls were put back."""
     graph = gm.graph
     alive = set(graph.nodes)
-    back = 0
-    env: dict[fx.Node, fx.Node] = {}  # erased chain node -> its new copy
+    env: dict[fx.Node, fx.Node] = {}  # erased chain node (or local linear) -> its new copy
+    back: list[tuple[Localized, list[fx.Node]]] = []
     for loc in localized:
         if loc.linear not in alive:
             continue  # fused
+        copies = []
         for old, op, target, args, kwargs, meta, prev in loc.chain:
             args, kwargs = fx.map_arg((args, kwargs), lambda n: env.get(n, n))
             prev = env.get(prev, prev)
@@ -193,22 +202,45 @@ def restore(gm: fx.GraphModule, localized: list[Localized]) -> int:
             with where:
                 env[old] = graph.create_node(op, target, args, kwargs, old.name)
             env[old].meta = meta
-        loc.linear.replace_all_uses_with(env[loc.chain[-1][0]])
+            copies.append(env[old])
+        loc.linear.replace_all_uses_with(copies[-1])
+        env[loc.linear] = copies[-1]  # its place, for a call saved as coming after it
+        back.append((loc, copies))
+    if not _in_order(graph):
+        # Old neighbours were fused away in between: each call goes back in
+        # one piece where its local linear is, which is always in order.
+        for loc, copies in back:
+            for node in copies:
+                loc.linear.prepend(node)
+    for loc, _ in back:
         graph.erase_node(loc.linear)
-        back += 1
-    # Only now: a restored node may sit right after one of these.
-    for loc in localized:
-        for op in loc.operands:
-            if op in alive and not op.users:
-                graph.erase_node(op)
+    for op in {op: None for loc in localized for op in loc.operands}:
+        if op in alive and not op.users:
+            graph.erase_node(op)
     if localized:
         gm.recompile()
-    return back
+    return len(back)
+
+
+def _in_order(graph: fx.Graph) -> bool:
+    seen: set[fx.Node] = set()
+    for node in graph.nodes:
+        if any(a not in seen for a in node.all_input_nodes):
+            return False
+        seen.add(node)
+    return True
+
+
+def is_dtensor(t: object) -> bool:
+    dt = _dtensor_type()
+    return dt is not None and isinstance(t, dt)
+
 
 def repoint(member: object, piece: torch.Tensor) -> bool:
-    """Make a DTensor `member` hold `piece` as its local tensor, keeping the
-    object (a Parameter stays the optimizer's). False if `member` is not a
-    DTensor.
+    """Make the DTensor `member` hold `piece` as its local tensor, keeping the
+    object (a Parameter stays the optimizer's, with its attributes and .grad).
+    False, and nothing done, where autograd hooks are registered on it: they
+    live in the part of the tensor that is swapped.
 
     Setting ``_local_tensor`` (or its ``.data``) alone would leave the
     wrapper's storage offset at the old one, and Dynamo then fails to fake
@@ -219,16 +251,19 @@ def repoint(member: object, piece: torch.Tensor) -> bool:
     they point to.
     """
     dt = _dtensor_type()
-    if dt is None or not isinstance(member, dt):
+    assert dt is not None and isinstance(member, dt)
+    if getattr(member, "_backward_hooks", None) or getattr(member, "_post_accumulate_grad_hooks", None):
         return False
+    grad = member.grad
     new = dt.from_local(piece, member.device_mesh, member.placements, run_check=False,
                         shape=member.shape, stride=member.stride())
     if member.__dict__.get("_is_param"):
         new = torch.nn.Parameter(new, requires_grad=member.requires_grad)
     torch._C._swap_tensor_impl(member, new)
-    member.__dict__, new.__dict__ = new.__dict__, member.__dict__
     for slot in ("_local_tensor", "_spec"):
         mine, theirs = getattr(member, slot), getattr(new, slot)
         setattr(member, slot, theirs)
         setattr(new, slot, mine)
+    if grad is not None:
+        member.grad = grad
     return True

@@ -96,6 +96,7 @@ def plan(
     skipped: Counter = Counter()
     accepted: list[tuple[Group, fx.Node]] = []
     written: Optional[tuple[set[fx.Node], set[int]]] = None
+    live = legality.live_nodes(gm)
 
     def refuse(members: list[Linear], reason: Reason) -> None:
         skipped[reason.value] += len(members)
@@ -112,8 +113,10 @@ def plan(
             reason = legality.check_member(gm, lin, allow_grad=config.training or not runs_with_grad)
             if reason is None and grad_graph and not config.training:
                 reason = Reason.NEEDS_GRAD
-            if reason is None and not lin.node.users:
-                reason = Reason.UNUSED_OUTPUT  # dead code: nothing to gain, and autograd would see it
+            if reason is None and lin.node not in live:
+                # Dead code: nothing to gain, and autograd would see it (a zero
+                # gradient where eager has none).
+                reason = Reason.UNUSED_OUTPUT
             if reason is None and runs_with_grad and legality.leaves_graph(gm, lin):
                 # Split pieces are views of one output; autograd forbids writing
                 # them in place, and code after a graph break may.
@@ -159,10 +162,14 @@ def _chunks(gm: fx.GraphModule, bucket: list[Linear], cap: Optional[int]) -> lis
     unique: list[Linear] = []
     first: dict[tuple, int] = {}
     dups: list[tuple[Linear, int]] = []
+    returned: set[tuple] = set()  # keys of which a kept call's result leaves the graph
     for lin in bucket:
         key = (lin.weight, lin.bias)
-        if key in first and legality.leaves_graph(gm, lin) and legality.leaves_graph(gm, unique[first[key]]):
-            continue  # both returned: one tensor twice would alias them (see plan)
+        leaves = legality.leaves_graph(gm, lin)
+        if key in first and leaves and key in returned:
+            continue  # returned twice, it would be one tensor twice (see plan)
+        if leaves:
+            returned.add(key)
         if key in first:
             dups.append((lin, first[key]))
         else:
@@ -187,7 +194,7 @@ def _fuse(
 ) -> FuseReport:
     # Tensor-parallel graphs: sibling projections in their local form, and
     # back to the DTensor form for those that end up not fused.
-    localized, needs_grad = dtensor.localize(gm, runs_with_grad)
+    localized, needs_grad = dtensor.localize(gm)
     try:
         report = _fuse_local(gm, config, weight_source, runs_with_grad, grad_graph)
     finally:

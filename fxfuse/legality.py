@@ -47,7 +47,7 @@ class Reason(str, enum.Enum):
     MUTATION_BETWEEN_MEMBERS = "mutation_between_members"
     STATE_CHANGE_BETWEEN_MEMBERS = "autocast_or_grad_mode_change_between_members"
     OUTPUT_WRITTEN = "member_output_written_in_place"
-    UNUSED_OUTPUT = "unused_output"
+    UNUSED_OUTPUT = "unused_output"  # nothing returned or written depends on it
     OUTPUT_LEAVES_GRAPH = "output_leaves_graph_with_grad"
     DUPLICATE_OUTPUT_LEAVES_GRAPH = "repeated_call_output_leaves_graph"
     NO_LEGAL_POSITION = "no_legal_position"
@@ -281,6 +281,18 @@ def written_nodes(gm: fx.GraphModule, nodes: list[fx.Node]) -> tuple[set[fx.Node
             if (key := _storage(gm, target)) is not None:
                 storages.add(key)
     return written, storages
+
+
+def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes something the graph returns or writes depends on; the rest is
+    dead code, which Dynamo keeps (``s = tanh(linear(x, w))``, s unused).
+    One backward walk: a node is live if it has an effect or a live user."""
+    live: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if (node.op == "output" or node.is_impure() or mutated_args(gm, node) or changes_state(node)
+                or any(u in live for u in node.users)):
+            live.add(node)
+    return live
 
 
 def leaves_graph(gm: fx.GraphModule, lin: Linear) -> bool:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .dtensor import local_value, repoint
+from .dtensor import is_dtensor, local_value, repoint
 
 __all__ = ["Storage", "concat_rows", "storage_for", "unfuse"]
 
@@ -73,7 +73,11 @@ class Storage:
         piece = self._slice(i)
         if local_value(member).data_ptr() != piece.data_ptr():
             piece.copy_(local_value(member))
-            if not repoint(member, piece):
+            if is_dtensor(member):
+                # With autograd hooks it keeps its own storage: correct, but
+                # copied in again on every call.
+                repoint(member, piece)
+            else:
                 member.data = piece
         self._members[i] = weakref.ref(member)
         self.ptrs[i] = piece.data_ptr()
@@ -158,8 +162,10 @@ def unfuse(module: torch.nn.Module) -> int:
     moved = 0
     for t in list(module.parameters()) + list(module.buffers()):
         if _REGISTRY.get(t) is not None:
-            if not repoint(t, local_value(t).clone()):
+            if not is_dtensor(t):
                 t.data = t.data.clone()
+            elif not repoint(t, local_value(t).clone()):
+                continue  # autograd hooks on it: left where it is (see dtensor.repoint)
             del _REGISTRY[t]
             moved += 1
     return moved

@@ -177,7 +177,97 @@ def _checks(rank: int, out: str) -> None:
     xg.grad = None
     model(xg).sum().backward()
     r.update(grad_removed=be3.report.removed, grad_reasons=dict(be3.report.skipped), diff_grad=_diff(g1, xg.grad))
+    r.update(_edge_cases(mesh))
     Path(out, f"rank{rank}.json").write_text(json.dumps(r))
+
+
+class Manual(nn.Module):
+    """Tensor parallelism written by hand: two inputs whose projections
+    interleave, and a projection too narrow to shard (1 row on 2 ranks:
+    DTensor replicates its output instead)."""
+
+    def __init__(self, mesh) -> None:
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.mesh = mesh
+        for name, rows in (("a1", 4), ("a2", 2), ("b1", 6), ("b2", 2), ("n1", 1), ("n2", 4)):
+            w = distribute_tensor(torch.randn(rows, DIM), mesh, [Shard(0)])
+            setattr(self, name, nn.Parameter(w, requires_grad=False))
+
+    def forward(self, x, y):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        rep = lambda t: DTensor.from_local(t, self.mesh, [Replicate()])  # noqa: E731
+        proj = lambda xd, w: F.linear(xd, w).redistribute(placements=[Shard(-1)]).to_local()  # noqa: E731
+        yb1 = rep(y)
+        a1, a2 = proj(rep(x), self.a1), proj(rep(x), self.a2)
+        yb2 = rep(y)
+        b1, b2 = proj(yb1, self.b1), proj(yb2, self.b2)
+        n1, n2 = F.linear(rep(x), self.n1).to_local(), F.linear(rep(x), self.n2).to_local()
+        return a1, a2, b1, b2, n1, n2
+
+
+def _edge_cases(mesh) -> dict:
+    import fxfuse
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    r: dict = {}
+    m = Manual(mesh)
+    x, y = torch.randn(2, DIM), torch.randn(2, DIM)
+    graphs: list = []
+
+    def fresh():
+        graphs.clear()
+        with torch.no_grad():
+            torch.compile(m, backend=lambda gm, ex: graphs.append((gm, ex)) or gm.forward)(x, y)
+        torch._dynamo.reset()
+        return graphs[0]
+
+    with torch.no_grad():
+        ref = m(x, y)
+    gm, ex = fresh()
+    before = _structure(gm)
+    # Every group refused (groups of 3 and 2): the calls go back where they were.
+    report = fxfuse.fuse_linears(gm, fxfuse.FuseConfig(min_group_size=4))
+    r.update(refused_all_unchanged=_structure(gm) == before, refused_all_removed=report.removed)
+    # The a/n2 group (3 calls) fuses, the b group (2) goes back: its old
+    # neighbours are gone, and it must still come before its users.
+    gm, ex = fresh()
+    report = fxfuse.fuse_linears(gm, fxfuse.FuseConfig(min_group_size=3))
+    gm.graph.lint()
+    r.update(partial_removed=report.removed, partial_diff=max(_diff(a, b) for a, b in zip(gm(*ex), ref)))
+    gm, ex = fresh()
+    report = fxfuse.fuse_linears(gm)
+    r.update(manual_removed=report.removed, manual_diff=max(_diff(a, b) for a, b in zip(gm(*ex), ref)),
+             manual_shapes_equal=[tuple(t.shape) for t in gm(*ex)] == [tuple(t.shape) for t in ref])
+    # A bare graph does not say whether it runs with autograd: an input that
+    # needs a gradient is left alone (from_local's backward sums it over ranks).
+    torch.manual_seed(0)
+    plan = {n: ColwiseParallel() for n in ("wq", "wk", "wv", "w1", "w3")}
+    block = parallelize_module(Block(), mesh, {**plan, "wo": RowwiseParallel(), "w2": RowwiseParallel()})
+    xg = torch.randn(2, DIM, requires_grad=True)
+    graphs.clear()
+    torch.compile(block, backend=lambda gm, ex: graphs.append(gm) or gm.forward)(xg)
+    torch._dynamo.reset()
+    r["bare_grad_skipped"] = dict(fxfuse.fuse_linears(graphs[0]).skipped)
+    # A parameter's .grad, attributes and hooks survive its shard moving in.
+    p = block.wk.weight
+    p.tag = "kept"
+    p.grad = DTensor.from_local(torch.full_like(p.to_local(), 7.0), mesh, p.placements)
+    calls: list = []
+    block.wv.weight.register_hook(lambda g: calls.append("hook") or g)
+    with torch.no_grad():
+        torch.compile(block, backend=fxfuse.backend(inner="eager"))(xg)
+        torch._dynamo.reset()
+    block(xg).sum().backward()
+    r.update(kept_tag=getattr(p, "tag", None), kept_grad=p.grad.to_local().flatten()[0].item() != 0,
+             hook_calls=calls, stale_diff=_diff(torch.compile(block, backend=fxfuse.backend(inner="eager"))(xg),
+                                                block(xg)))
+    torch._dynamo.reset()
+    return r
 
 
 def _free_port() -> int:
@@ -237,6 +327,34 @@ def test_refused_group_leaves_dynamo_graph_unchanged(ranks):
 def test_inductor_pass_fuses_local_gemms(ranks):
     for r in ranks:
         assert r["inductor_removed"] == 3 * LAYERS and r["diff_inductor"] <= 1e-5
+
+
+def test_refused_calls_go_back_where_they_were(ranks):
+    for r in ranks:
+        assert r["refused_all_removed"] == 0 and r["refused_all_unchanged"]
+
+
+def test_partly_fused_graph_stays_in_order(ranks):
+    for r in ranks:
+        assert r["partial_removed"] == 2 and r["partial_diff"] <= 1e-5  # (lint passed in the rank)
+
+
+def test_replicated_output_is_not_a_colwise_projection(ranks):
+    for r in ranks:
+        # a1+a2+n2 lose 2 calls and b1+b2 one; n1's output is replicated (1
+        # row on 2 ranks), not sharded on its last dim: it stays a DTensor call.
+        assert r["manual_removed"] == 3 and r["manual_shapes_equal"] and r["manual_diff"] <= 1e-5
+
+
+def test_bare_graph_with_input_needing_grad_is_left_alone(ranks):
+    for r in ranks:
+        assert r["bare_grad_skipped"] == {"sharded_input_needs_grad": 5}
+
+
+def test_parameter_grad_attributes_and_hooks_survive(ranks):
+    for r in ranks:
+        assert r["kept_tag"] == "kept" and r["kept_grad"]
+        assert r["hook_calls"] == ["hook"] and r["stale_diff"] <= 1e-5
 
 
 def test_input_needing_grad_is_left_alone_with_reason(ranks):

@@ -247,3 +247,30 @@ def test_no_fuse_repeated_call_output_leaves_graph():
     gm, inputs = capture_with_inputs(twice, torch.randn(2, 4), torch.randn(3, 4))
     report = assert_left_alone(gm, Reason.DUPLICATE_OUTPUT_LEAVES_GRAPH, 1, inputs=inputs)
     assert report.skipped == {"repeated_call_output_leaves_graph": 1, "below_min_group_size": 1}
+
+
+def test_no_fuse_unused_output():
+    # Dynamo keeps dead code; fused, the dead call's weight would get a zero
+    # gradient where eager leaves .grad None. Dead through a user too.
+    def f(x, w1, w2, w3):
+        a = F.linear(x, w1)
+        F.linear(x, w2)
+        torch.tanh(F.linear(x, w3))
+        return a * 2
+
+    gm, inputs = capture_with_inputs(f, torch.randn(2, 4), *(torch.randn(3, 4) for _ in range(3)))
+    assert sum(n.op == "call_function" and n.target is torch.tanh for n in gm.graph.nodes) == 1
+    report = assert_left_alone(gm, Reason.UNUSED_OUTPUT, 2, inputs=inputs)
+    assert report.skipped == {"unused_output": 2, "below_min_group_size": 1}
+
+
+def test_no_fuse_third_repeat_returned_with_the_second():
+    def thrice(x, w):
+        a = F.linear(x, w)
+        return a + 1, F.linear(x, w), F.linear(x, w)
+
+    gm, inputs = capture_with_inputs(thrice, torch.randn(2, 4), torch.randn(3, 4))
+    report = fxfuse.fuse_linears(gm)
+    assert report.removed == 1 and report.skipped == {"repeated_call_output_leaves_graph": 1}
+    _, b, c = gm(*inputs)
+    assert b is not c and b.data_ptr() != c.data_ptr()
