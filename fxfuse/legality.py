@@ -297,12 +297,24 @@ def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
 
 def leaves_graph(gm: fx.GraphModule, lin: Linear) -> bool:
     """Is the call's result (or a view of it) an output of the graph?"""
-    own = _storage(gm, lin.node)
-    # A method that may return self (`.relu()` does not) counts unless the
-    # values show another storage.
-    views = [lin.node] + [u for u in lin.node.users if _view_parent(gm, u) is lin.node
-                          and (own is None or _storage(gm, u) in (None, own))]
-    return any(u.op == "output" for v in views for u in v.users)
+    return escapes(gm, lin.node)
+
+
+def escapes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Is `node`'s value, or a view of it through any chain of views, an
+    output of the graph? A method that may return self (`.relu()` does not)
+    counts unless the values show another storage."""
+    own = _storage(gm, node)
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u not in seen and _view_parent(gm, u) is n and (own is None or _storage(gm, u) in (None, own)):
+                seen.add(u)
+                stack.append(u)
+    return False
 
 
 def check_outputs_not_written(

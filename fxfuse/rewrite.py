@@ -22,6 +22,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .aten import emit_aten, emit_cast, is_aten_group
+from . import legality
 from .match import Group, Operand, value_of
 
 __all__ = ["fuse_group", "Rerouted", "SPLIT_SIZES_KEY"]
@@ -161,14 +162,27 @@ def fuse_group(
                 n.meta.setdefault(k, ref.node.meta[k])
     if key is not None:
         _set_values(gm, group, key, made, fused, chain, parts, outs)
-    for m, piece in list(zip(members, outs)) + [(d, outs[i]) for d, i in group.duplicates]:
+    # Decided on the members' own values, before their users move.
+    escaping = {i for i, m in enumerate(members) if parts is not None and legality.escapes(gm, m.node)}
+    escaping |= {i for d, i in group.duplicates if parts is not None and legality.escapes(gm, d.node)}
+    # A piece that leaves the graph (returned, or handed on across a graph
+    # break) must have the strides the member's own output had, since code
+    # outside may ``.view(-1)`` it: its users read a contiguous copy.
+    copies = {i: _contiguous_copy(graph, outs[i], key, dialect is _ATEN) for i in sorted(escaping)}
+    pairs = [(m, i) for i, m in enumerate(members)] + list(group.duplicates)
+    origin = {user: m.node for m, _ in pairs for user in m.node.users}  # for undo
+    for m, i in pairs:
+        target = copies.get(i, outs[i])
         users = list(m.node.users)
         if rerouted is not None:
-            rerouted.append((m.node, piece, users))
-        m.node.replace_all_uses_with(piece)
+            rerouted.append((m.node, target, users))
+        m.node.replace_all_uses_with(target)
     if parts is not None:
-        for piece in outs:
-            _keep_views_legal(graph, piece, key, dialect is _ATEN)
+        for i, piece in enumerate(outs):
+            if i not in escaping:
+                for user, copy in _keep_views_legal(graph, piece, key, dialect is _ATEN):
+                    if rerouted is not None:
+                        rerouted.append((origin[user], copy, [user]))
     return fused
 
 
@@ -176,12 +190,13 @@ _VIEW_METHODS = ("view",)
 _VIEW_OPS = (aten.view.default,)
 
 
-def _keep_views_legal(graph: fx.Graph, piece: fx.Node, key: Optional[str], is_aten: bool) -> None:
+def _keep_views_legal(graph: fx.Graph, piece: fx.Node, key: Optional[str], is_aten: bool) -> list[tuple[fx.Node, fx.Node]]:
     """A piece is a column slice of the fused output, not contiguous like the
     member's own output was: a ``view`` that needed contiguity (``.view(-1)``)
     would raise. Such users read a contiguous copy instead; the common views
-    (splitting the last dim into heads) stay free."""
+    (splitting the last dim into heads) stay free. Returns (user, copy) pairs."""
     val = piece.meta.get(key) if key else None
+    moved: list[tuple[fx.Node, fx.Node]] = []
     for user in list(piece.users):
         is_view = (user.op == "call_method" and user.target in _VIEW_METHODS) or (
             user.op == "call_function" and (user.target in _VIEW_OPS or user.target is torch.Tensor.view))
@@ -189,15 +204,23 @@ def _keep_views_legal(graph: fx.Graph, piece: fx.Node, key: Optional[str], is_at
             continue
         if isinstance(val, FakeTensor) and _view_ok(val, user.args[1:]):
             continue
-        with graph.inserting_after(piece):
-            if is_aten:
-                copy = graph.call_function(aten.clone.default, (piece,), {"memory_format": torch.contiguous_format})
-            else:
-                copy = graph.call_method("contiguous", (piece,))
-        copy.meta.update({k: v for k, v in piece.meta.items() if k in _COPIED_META})
-        if isinstance(val, FakeTensor):
-            copy.meta[key] = _fake_empty(val, tuple(val.shape), val.dtype)[0]  # type: ignore[index]
+        copy = _contiguous_copy(graph, piece, key, is_aten)
         user.replace_input_with(piece, copy)
+        moved.append((user, copy))
+    return moved
+
+
+def _contiguous_copy(graph: fx.Graph, piece: fx.Node, key: Optional[str], is_aten: bool) -> fx.Node:
+    val = piece.meta.get(key) if key else None
+    with graph.inserting_after(piece):
+        if is_aten:
+            copy = graph.call_function(aten.clone.default, (piece,), {"memory_format": torch.contiguous_format})
+        else:
+            copy = graph.call_method("contiguous", (piece,))
+    copy.meta.update({k: v for k, v in piece.meta.items() if k in _COPIED_META})
+    if isinstance(val, FakeTensor):
+        copy.meta[key] = _fake_empty(val, tuple(val.shape), val.dtype)[0]  # type: ignore[index]
+    return copy
 
 
 def _view_ok(val: FakeTensor, shape_args: tuple) -> bool:

@@ -867,3 +867,24 @@ def test_bug_member_output_escapes(case):
         ref[0].add_(1)
         out[0].add_(1)
     torch.testing.assert_close(out, ref)
+
+
+# Pieces of the fused output handed on across a graph break kept the fused
+# output's strides: the next graph's `.view(-1)` of one (legal on the member's
+# own contiguous output) raised while Dynamo traced it. Pieces that leave the
+# graph are now contiguous copies.
+@pytest.mark.parametrize("path", ["storage", "cat"])
+def test_bug_piece_viewed_after_graph_break(path):
+    def f(x, w0, w1):
+        a = F.linear(x, w0)
+        b = F.linear(x, w1)
+        torch._dynamo.graph_break()
+        return torch.cat([a.view(-1), b.view(-1)])
+
+    x, w0, w1 = _xw()
+    with torch.no_grad():
+        ref = f(x, w0, w1)
+        be = fxfuse.backend(inner="eager", **({"weights": "cat"} if path == "cat" else {}))
+        out = torch.compile(f, backend=be)(x, w0, w1)
+    torch.testing.assert_close(out, ref)
+    assert be.report.removed == 1 and be.report.errors == []
