@@ -289,8 +289,9 @@ def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     One backward walk: a node is live if it has an effect or a live user."""
     live: set[fx.Node] = set()
     for node in reversed(gm.graph.nodes):
-        if (node.op == "output" or node.is_impure() or mutated_args(gm, node) or changes_state(node)
-                or any(u in live for u in node.users)):
+        # A live user settles it cheaply; most nodes have one.
+        if (node.op == "output" or any(u in live for u in node.users)
+                or node.is_impure() or mutated_args(gm, node) or changes_state(node)):
             live.add(node)
     return live
 
