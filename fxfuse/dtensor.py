@@ -27,6 +27,7 @@ the local form would drop.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +39,7 @@ __all__ = ["Localized", "is_dtensor", "local_value", "localize", "repoint", "res
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_type() -> Optional[type]:
     try:
         from torch.distributed.tensor import DTensor
@@ -49,8 +51,7 @@ def _dtensor_type() -> Optional[type]:
 def local_value(t: object) -> object:
     """A DTensor argument's local tensor (the object whose storage fxfuse
     moves); any other value as it is."""
-    dt = _dtensor_type()
-    return t._local_tensor if dt is not None and isinstance(t, dt) else t  # type: ignore[attr-defined]
+    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -162,14 +162,13 @@ def fuse_group(
                 n.meta.setdefault(k, ref.node.meta[k])
     if key is not None:
         _set_values(gm, group, key, made, fused, chain, parts, outs)
-    # Decided on the members' own values, before their users move.
-    escaping = {i for i, m in enumerate(members) if parts is not None and legality.escapes(gm, m.node)}
-    escaping |= {i for d, i in group.duplicates if parts is not None and legality.escapes(gm, d.node)}
+    pairs = [(m, i) for i, m in enumerate(members)] + list(group.duplicates)
     # A piece that leaves the graph (returned, or handed on across a graph
     # break) must have the strides the member's own output had, since code
-    # outside may ``.view(-1)`` it: its users read a contiguous copy.
+    # outside may ``.view(-1)`` it: its users read a contiguous copy. Decided
+    # on the members' own values, before their users move.
+    escaping = {i for m, i in pairs if legality.escapes(gm, m.node)} if parts is not None else set()
     copies = {i: _contiguous_copy(graph, outs[i], key, dialect is _ATEN) for i in sorted(escaping)}
-    pairs = [(m, i) for i, m in enumerate(members)] + list(group.duplicates)
     origin = {user: m.node for m, _ in pairs for user in m.node.users}  # for undo
     for m, i in pairs:
         target = copies.get(i, outs[i])

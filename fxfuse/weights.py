@@ -27,6 +27,7 @@ claimed by two different groups (one storage cannot hold it twice).
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional, Sequence
 
@@ -117,7 +118,7 @@ def concat_rows(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> T
 def _plain(t: Tensor) -> bool:
     # Exactly the strides of its slice of the storage: a [1, K] tensor made by
     # a transpose is "contiguous" with strides (1, 1), and Dynamo guards strides.
-    expected = tuple(int(torch.tensor(t.shape[i + 1:]).prod()) for i in range(t.dim()))
+    expected = tuple(math.prod(t.shape[i + 1:]) for i in range(t.dim()))
     return type(t) in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and t.stride() == expected
 
 
