@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--int8", action="store_true",
                    help="weight-only int8 linears (gpt-fast style: linear(x, w.to(dtype)) * scales); "
                    "the hand-fused model is quantized after fusing")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one generation per variant: GPU kernel time "
+                   "and kernel count per token, and the largest kernels")
     p.add_argument("--out", type=Path, help="directory for results.json and results.md")
     return p.parse_args(argv)
 
@@ -69,6 +72,7 @@ class Variant:
     error: str | None = None
     res: dict = field(default_factory=dict)
     tps: list = field(default_factory=list)
+    host_s: list = field(default_factory=list)
     prefill_ms: list = field(default_factory=list)
 
 
@@ -120,16 +124,39 @@ class Bench:
         self.mark()
         return fn(tok, self.pos[self.P]).float()  # .float() copies out of the graph pool
 
-    def generate(self, fn):
-        """Greedy decode of N tokens; returns seconds. No host sync inside the loop."""
+    def generate(self, fn, host=None):
+        """Greedy decode of N tokens; returns seconds. No host sync inside the loop.
+        `host` gets the seconds the host took to enqueue the N steps: when that is
+        close to the total, the host, not the GPU, sets the pace."""
         tok = self.first_tok
         self.sync()
         t = time.perf_counter()
         for i in range(self.N):
             self.mark()
             tok = fn(tok, self.pos[self.P + i])[:, -1].argmax(-1, keepdim=True)
+        if host is not None:
+            host.append(time.perf_counter() - t)
         self.sync()
         return time.perf_counter() - t
+
+    def kernels(self, fn, top=6):
+        """GPU kernel time per token over one generation (torch.profiler,
+        CUDA graph replays included): total, count, and the largest kernels."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.generate(fn)
+        per = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+                n, us = per.get(e.name, (0, 0.0))
+                per[e.name] = (n + 1, us + e.device_time_total)
+        total = sum(us for _, us in per.values())
+        rows = sorted(per.items(), key=lambda kv: -kv[1][1])[:top]
+        return {"gpu_us_per_token": total / self.N,
+                "kernels_per_token": sum(n for n, _ in per.values()) / self.N,
+                "top": [{"name": k[:90], "per_token": n / self.N, "us_per_token": us / self.N}
+                        for k, (n, us) in rows]}
 
     def prefill(self, fn, iters=3):
         self.sync()
@@ -234,6 +261,7 @@ def summarize(vs, meta):
         r = v.res
         if v.tps:
             med = statistics.median(v.tps)
+            r["host_ms_per_token"] = statistics.median(v.host_s) * 1e3 / meta["tokens"]
             r.update(decode_tok_s=med, decode_tok_s_all=v.tps,
                      decode_spread=(max(v.tps) - min(v.tps)) / med,
                      decode_gb_s=med * meta["bytes_per_token"] / 1e9)
@@ -280,6 +308,17 @@ def markdown(vs, meta):
             f"| {f(r.get('compile_decode_s'), '{:.1f}')}/{f(r.get('compile_prefill_s'), '{:.1f}')} "
             f"| {f(r.get('check', {}).get('rel'), '{:.1e}')} "
             f"| {ip.get('agrees', '-')} (rel {f(ip.get('rel'), '{:.1e}')}) |")
+    lines += ["", "| variant | ms/token | host ms/token | GPU kernel ms/token | kernels/token |",
+              "|---|---|---|---|---|"]
+    for v in vs:
+        r, pr = v.res, v.res.get("profile", {})
+        if r.get("decode_tok_s"):
+            lines.append(f"| {v.name} | {1e3 / r['decode_tok_s']:.3f} | {r['host_ms_per_token']:.3f} "
+                         f"| {f(pr.get('gpu_us_per_token') and pr['gpu_us_per_token'] / 1e3, '{:.3f}')} "
+                         f"| {f(pr.get('kernels_per_token'), '{:.1f}')} |")
+    for v in vs:
+        for k in v.res.get("profile", {}).get("top", []):
+            lines.append(f"{v.name}: {k['us_per_token']:8.1f} us/token {k['per_token']:5.1f}x  {k['name']}")
     lines += [f"\n{v.name}: {v.res.get('fxfuse_via')}; pass counters {v.res.get('fxfuse')}"
               for v in vs if "fxfuse_via" in v.res and not v.error]
     return "\n".join(lines) + "\n"
@@ -311,7 +350,7 @@ def run(args):
     meta = {"card": torch.cuda.get_device_name() if cuda else "cpu",
             "torch": f"{torch.__version__} (CUDA {torch.version.cuda})",
             "mode": mode, "command": " ".join([sys.executable] + sys.argv), "config": repr(cfg),
-            "variants_order": names}
+            "variants_order": names, "tokens": args.tokens}
     if cuda:
         meta["copy_bw_gb_s"] = copy_bandwidth(dev) / 1e9
     b.log(f"{meta['card']}, torch {meta['torch']}, {cfg}")
@@ -371,7 +410,7 @@ def run(args):
     graphs0 = counters["stats"]["unique_graphs"]
     for r in range(args.repeats):  # round robin: drift (clocks, heat) hits every variant alike
         for v in ok:
-            v.tps.append(args.tokens / b.generate(v.fn))
+            v.tps.append(args.tokens / b.generate(v.fn, v.host_s))
         for v in ok if args.prefill else ():
             v.prefill_ms.append(b.prefill(v.fn) * 1e3)
         b.log(f"repeat {r}: " + ", ".join(f"{v.name} {v.tps[-1]:.1f} tok/s" for v in ok))
@@ -379,6 +418,11 @@ def run(args):
         save(args.out, vs, meta)  # partial results survive a run cut off at its time limit
     if counters["stats"]["unique_graphs"] != graphs0:
         warn("something recompiled while being timed: timings include compiles")
+    for v in ok if args.profile and b.cuda else ():
+        try:
+            v.res["profile"] = b.kernels(v.fn)
+        except Exception as e:
+            v.res["profile"] = {"error": f"{type(e).__name__}: {e}"}
 
     # In-place check: scale every weight; a variant that copied or froze weights at
     # compile time keeps computing with the old ones and disagrees with eager.

@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxfuse
 from fxfuse import Reason
-from fxfuse.inductor import HOOKS
+from fxfuse.inductor import HOOKS, _appended
 from fxfuse.models import Int8Linear, LlamaConfig, Transformer, quantize_int8
 
 from conftest import call_ops, capture_with_inputs, n_linear
@@ -68,7 +68,9 @@ def aten_graphs(hook):
     config = torch._inductor.config
     with config.patch({hook: lambda g: before.append(call_ops(g.owning_module))}):
         with fxfuse.installed(hook) as p:
-            with config.patch({hook: [*getattr(config, hook), lambda g: after.append(call_ops(g.owning_module))]}):
+            # After fxfuse in the same hook (torch 2.11's hooks take one pass: chained).
+            then = _appended(getattr(config, hook), lambda g: after.append(call_ops(g.owning_module)))
+            with config.patch({hook: then}):
                 yield p, before, after
 
 
