@@ -13,7 +13,7 @@ from torch._inductor.utils import run_and_get_code
 
 import fxfuse
 from fxfuse.inductor import HOOKS
-from fxfuse.models import LlamaConfig, Transformer
+from fxfuse.models import LlamaConfig, Transformer, quantize_int8
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -59,10 +59,11 @@ def test_gpu_aoti(tmp_path):
     assert fused.returncode == 0 and "ok" in fused.stdout, fused.stderr[-2000:]
 
 
+@pytest.mark.parametrize("freezing", [False, True], ids=["plain", "freezing"])
 @pytest.mark.parametrize("hook", HOOKS)
-def test_gpu_inductor_hook(hook):
+def test_gpu_inductor_hook(hook, freezing):
     model, t = llama3(), TOKENS.cuda()
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, freezing=freezing):
         ref = model(t)
         torch._dynamo.reset()
         _, base = run_and_get_code(torch.compile(model), t)
@@ -72,3 +73,20 @@ def test_gpu_inductor_hook(hook):
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
     count = lambda cs: sum(len(GEMM.findall(c)) for c in cs)  # noqa: E731
     assert p.report.removed == 9 and count(base) - count(codes) == 9
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_gpu_int8_inductor_hook(hook):
+    # Weight-only int8 in bf16 (gpt-fast's form). For a few rows Inductor
+    # turns each GEMM into a reduction kernel, so count the pass's calls
+    # rather than GEMM kernels; the result must still be eager's.
+    torch.manual_seed(0)
+    model = quantize_int8(Transformer(LlamaConfig(n_layer=2)).to(torch.bfloat16)).cuda().eval()
+    t = TOKENS.cuda()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        ref = model(t).float()
+        torch._dynamo.reset()
+        with fxfuse.installed(hook) as p:
+            out = torch.compile(model)(t).float()
+    assert p.report.removed == 6 and len(p.report.groups) == 4
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2  # bf16: two orders of summation
