@@ -23,6 +23,7 @@ from torch import fx
 from . import trace
 from .config import FuseConfig
 from .fuse import _fuse
+from .legality import Reason
 from .inputs import FusedInputs, copy_graph_module
 from .match import count_linears
 from .report import FuseReport
@@ -101,13 +102,23 @@ class Backend:
         inputs = FusedInputs(work, list(example_inputs)) if self.config.weights == "auto" else None
         # Dynamo traced under the grad mode the graph will run under.
         report = _fuse(work, self.config, inputs, runs_with_grad=torch.is_grad_enabled())
-        if inputs is None or not inputs.slots or report.errors:
-            # (A failed rewrite was undone, fused placeholders included.)
-            return self._inner(work, example_inputs), report, work
-        keep = inputs.prune()
-        compiled = self._inner(work, [example_inputs[i] for i in keep] + inputs.extra)
-        return inputs.wrap(compiled, keep), report, work
-
+        # (A failed rewrite was undone, fused placeholders included.)
+        stored = inputs is not None and bool(inputs.slots) and not report.errors
+        keep = inputs.prune() if stored else list(range(len(example_inputs)))
+        args = [example_inputs[i] for i in keep] + (inputs.extra if stored else [])
+        try:
+            compiled = self._inner(work, args)
+        except Exception as e:  # noqa: BLE001 - the user's compile must go on
+            if self.config.strict or not report.groups:
+                raise  # strict, or not the fusion's doing: the same graph would fail unfused
+            # The inner compiler rejects the fused graph: compile Dynamo's own
+            # (its weights may now be views of a storage, which it reads as any tensor).
+            log.warning("fxfuse: the inner compiler failed on the fused graph: %r; compiling it unfused", e)
+            n = count_linears(gm)
+            failed = FuseReport(before=n, after=n, graphs=1, skipped=report.skipped, errors=[repr(e)])
+            failed.skipped[Reason.ERROR.value] += sum(len(g.members) for g in report.groups)
+            return self._inner(gm, example_inputs), failed, gm
+        return (inputs.wrap(compiled, keep) if stored else compiled), report, work
 
 def backend(**options: Any) -> Backend:
     """A configured backend for ``torch.compile(model, backend=fxfuse.backend(...))``.

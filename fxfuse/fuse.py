@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from torch import fx
 
@@ -46,9 +46,9 @@ __all__ = ["fuse_linears", "plan"]
 log = logging.getLogger(__name__)
 
 # Given a group about to be rewritten, return the nodes (already in the graph)
-# holding its fused "weight", "bias" and "scale", or None to concatenate them
-# in the graph.
-WeightSource = Callable[[fx.GraphModule, Group], Optional[dict[str, fx.Node]]]
+# holding its fused "weight", "bias" and "scale"; None to concatenate them in
+# the graph; or a Reason to leave the group alone.
+WeightSource = Callable[[fx.GraphModule, Group], Union[dict[str, fx.Node], Reason, None]]
 
 
 def _buckets(gm: fx.GraphModule, sibs: list[Linear]) -> list[list[Linear]]:
@@ -219,10 +219,15 @@ def _fuse_local(
     existing = set(graph.nodes)
     rerouted: list[Rerouted] = []  # for undo
     fused_groups: list[FusedGroup] = []
+    fused_calls: list[Linear] = []
     try:
         for group, anchor in groups:
             given = weight_source(gm, group) if weight_source is not None else None
+            if isinstance(given, Reason):
+                report.skipped[given.value] += len(group.calls)
+                continue
             fuse_group(gm, group, anchor, given, rerouted=rerouted)
+            fused_calls += group.calls
             fused_groups.append(FusedGroup(
                 tuple(group.names),
                 tuple(group.widths) + tuple(group.widths[i] for _, i in group.duplicates),
@@ -230,7 +235,7 @@ def _fuse_local(
                 "storage" if given else "cat",
             ))
         graph.lint()
-        _erase_replaced(gm, [lin for g, _ in groups for lin in g.calls])
+        _erase_replaced(gm, fused_calls)
     except Exception as e:  # noqa: BLE001 - any failure must leave the graph intact
         _undo(gm, existing, rerouted)
         if config.strict:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import fx
@@ -43,6 +43,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .cache import LEDGER, Recorder, has_tangents, publish, source_hash
 from .config import FuseConfig
 from .fuse import _fuse
+from .legality import Reason, check_per_call_concat
 from .match import Group, value_of
 from .report import FuseReport
 from .weights import concat_rows
@@ -89,8 +90,11 @@ class FxfusePass(_GraphPass):
         # A training step's forward graph: its weights need gradients as a joint graph's do.
         trains = joint or (aten_graph and _training_forward(is_inference))
         exposed = _expose_frozen_weights(gm) if aten_graph else []
+        # Freezing folds what this graph concatenates into constants, unless
+        # it has run already (post-grad) or does not run (autograd on).
+        folds = torch._inductor.config.freezing and self.hook != POST_GRAD and not (with_grad or trains)
         try:
-            report = _fuse(gm, self.config, _Constants(gm), runs_with_grad=with_grad, grad_graph=trains)
+            report = _fuse(gm, self.config, _Constants(gm, folds), runs_with_grad=with_grad, grad_graph=trains)
         except Exception as e:  # noqa: BLE001 - a pass must never break the compile
             if self.config.strict:
                 raise
@@ -132,16 +136,25 @@ def _training_forward(is_inference: Optional[bool]) -> bool:
 class _Constants:
     """Weight source for frozen graphs: members that are constants (get_attr,
     after freezing) are concatenated once, here, into one new constant, and
-    the old constants the graph no longer reads are dropped."""
+    the old constants the graph no longer reads are dropped. Otherwise the
+    group is concatenated in the graph, which int8 groups are not unless
+    `folds` (freezing will make that concatenation a constant)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, folds: bool) -> None:
         self.gm = gm
+        self.folds = folds
 
-    def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
+    def __call__(self, gm: fx.GraphModule, group: Group) -> Union[dict[str, fx.Node], Reason, None]:
+        if len(group.members) < 2:
+            return None  # repeats of one call: nothing to concatenate
+        made = self._constants(gm, group)
+        return made if made is not None or self.folds else check_per_call_concat(gm, group)
+
+    def _constants(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
         # Only after AOTAutograd (aten graphs) are get_attr weights frozen
         # constants; before it (pre-grad) they are the model's parameters,
         # and freezing folds the in-graph concatenation itself.
-        if len(group.members) < 2 or not isinstance(group.members[0].node.target, torch._ops.OpOverload):
+        if not isinstance(group.members[0].node.target, torch._ops.OpOverload):
             return None
         plans = []
         for kind in ("weight", "bias", "scale"):

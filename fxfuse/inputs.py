@@ -19,12 +19,13 @@ from __future__ import annotations
 import copy
 import operator
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
+from .legality import Reason, check_per_call_concat
 from .match import Group, Operand
 from .weights import Storage, concat_rows, storage_for
 
@@ -111,11 +112,22 @@ class FusedInputs:
             self.local.add(i)
         return i
 
-    def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
+    def __call__(self, gm: fx.GraphModule, group: Group) -> Union[dict[str, fx.Node], Reason, None]:
         """Weight source for `fuse_linears`: placeholders of the fused weight,
-        bias and scales, each one storage; None if any cannot be stored."""
+        bias and scales, each one storage; where any cannot be stored, None
+        (concatenate in the graph) or, for int8 weights, the reason not to."""
         if len(group.members) < 2:
             return None  # duplicates of one call: the weight is used as it is
+        stored = self._storages(group)
+        if stored is None:
+            return check_per_call_concat(gm, group)
+        idx, storages = stored
+        nodes = {k: self._add_input(st, idx[k], group) for k, st in storages.items()}
+        self.members += [self.placeholders[i] for ix in idx.values() for i in ix if i is not None]
+        return nodes
+
+    def _storages(self, group: Group) -> Optional[tuple[dict[str, list], dict[str, Storage]]]:
+        """Argument indices and one storage per kind (weight, bias, scale), or None."""
         kinds = [k for k in ("weight", "bias", "scale") if any(getattr(m, k) is not None for m in group.members)]
         idx = {k: [self._arg(getattr(m, k)) for m in group.members] for k in kinds}
         if any(-1 in ix for ix in idx.values()):
@@ -127,9 +139,7 @@ class FusedInputs:
                 if st is None:
                     return None
                 storages[k] = st
-        nodes = {k: self._add_input(storages[k], idx[k], group) for k in kinds}
-        self.members += [self.placeholders[i] for ix in idx.values() for i in ix if i is not None]
-        return nodes
+        return idx, storages
 
     def _add_input(self, st: Storage, idx: list, group: Group) -> fx.Node:
         from torch._dynamo.source import ConstantSource

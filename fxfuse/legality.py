@@ -18,7 +18,7 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .match import Linear, Operand, value_of
+from .match import Group, Linear, Operand, value_of
 
 __all__ = [
     "Reason", "check_member", "incompatibility", "check_independent", "insertion_point", "check_no_mutation",
@@ -39,6 +39,8 @@ class Reason(str, enum.Enum):
     DEVICE_MISMATCH = "device_mismatch"
     IN_FEATURES_MISMATCH = "in_features_mismatch"
     QUANT_MISMATCH = "dequantization_mismatch"  # quantized and plain, or other cast/scale dtypes
+    # int8 weights would be concatenated in the graph on every call (fuse.py says why not).
+    QUANT_CONCAT_PER_CALL = "quantized_weights_concatenated_per_call"
     NEEDS_GRAD = "weights_need_grad"
     SHARDED_INPUT_NEEDS_GRAD = "sharded_input_needs_grad"  # tensor parallel: see dtensor.py
     BELOW_MIN_GROUP_SIZE = "below_min_group_size"
@@ -409,4 +411,17 @@ def check_no_mutation(
         for target in mutated_args(gm, node):
             if _alias_chain(gm, target) & watched or _storage(gm, target) in storages:
                 return Reason.MUTATION_BETWEEN_MEMBERS
+    return None
+
+
+def check_per_call_concat(gm: fx.GraphModule, group: Group) -> Optional[Reason]:
+    """For a weight source that would concatenate this group in the graph:
+    integer (int8) weights are refused. Weight-only int8 exists to read fewer
+    bytes per token, and a per-call concatenation writes and reads every int8
+    weight once more. Inductor's int8 lowering on CUDA also asserts on a
+    weight that is a concatenation rather than a buffer (torch 2.11)."""
+    for m in group.members:
+        w = value_of(gm, m.weight)
+        if m.cast is not None and isinstance(w, torch.Tensor) and not w.is_floating_point():
+            return Reason.QUANT_CONCAT_PER_CALL
     return None

@@ -157,3 +157,34 @@ def test_backend_storage_path_survives_a_failing_rewrite(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend=be)(t), model(t))
     assert be.report.removed == 0 and "boom" in be.report.errors[0]
+
+
+def test_backend_survives_an_inner_compiler_that_rejects_the_fused_graph(caplog):
+    # An inner compiler that fails on any fused graph (as Inductor's int8
+    # lowering once did on CUDA): the graph is compiled unfused instead.
+    from torch._dynamo.backends.debugging import eager
+    from fxfuse.match import count_linears
+
+    def picky(gm, example_inputs):
+        if count_linears(gm) < 15:  # 2 layers x 7 linears and the head: anything fused
+            raise RuntimeError("inner rejects fused graph")
+        return eager(gm, example_inputs)
+
+    model, t = llama(), tokens()
+    be = fxfuse.backend(inner=picky)
+    with caplog.at_level(logging.WARNING, logger="fxfuse"), torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=be)(t), model(t))
+    assert "inner rejects fused graph" in caplog.text
+    assert be.report.removed == 0 and be.report.skipped["error_in_pass"] == 10
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="inner rejects fused graph"), torch.no_grad():
+        torch.compile(model, backend=fxfuse.backend(inner=picky, strict=True))(t)
+
+
+def test_backend_inner_failure_of_its_own_is_not_hidden():
+    # Nothing was fused: the inner compiler's error is the user's to see.
+    def broken(gm, example_inputs):
+        raise RuntimeError("inner compiler bug")
+
+    with pytest.raises(Exception, match="inner compiler bug"), torch.no_grad():
+        torch.compile(lambda x: x.sin(), backend=fxfuse.backend(inner=broken))(torch.randn(3))

@@ -72,21 +72,34 @@ def test_gpu_inductor_hook(hook, freezing):
             out, codes = run_and_get_code(torch.compile(model), t)
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
     count = lambda cs: sum(len(GEMM.findall(c)) for c in cs)  # noqa: E731
-    assert p.report.removed == 9 and count(base) - count(codes) == 9
+    # 22 linears, 9 of them removed: 13 GEMMs. On CUDA, freezing's own passes
+    # already merge same-shaped siblings (k and v, w1 and w3: 16 GEMMs), and a
+    # post-grad pass runs after them, so it removes the 3 left (q with k+v).
+    assert count(codes) == 13 and count(base) - count(codes) == p.report.removed
+    assert p.report.removed == (3 if freezing and hook == "post_grad_custom_pre_pass" else 9)
 
 
+@pytest.mark.parametrize("freezing", [False, True], ids=["plain", "freezing"])
 @pytest.mark.parametrize("hook", HOOKS)
-def test_gpu_int8_inductor_hook(hook):
-    # Weight-only int8 in bf16 (gpt-fast's form). For a few rows Inductor
-    # turns each GEMM into a reduction kernel, so count the pass's calls
-    # rather than GEMM kernels; the result must still be eager's.
+def test_gpu_int8_inductor_hook(hook, freezing):
+    # Weight-only int8 in bf16 (gpt-fast's form). Fused under freezing, where
+    # the concatenated int8 weights become constants; without it they would
+    # be concatenated on every call, so the groups are left alone.
     torch.manual_seed(0)
     model = quantize_int8(Transformer(LlamaConfig(n_layer=2)).to(torch.bfloat16)).cuda().eval()
     t = TOKENS.cuda()
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, freezing=freezing):
         ref = model(t).float()
+        torch._dynamo.reset()
+        try:
+            torch.compile(model)(t)
+        except Exception as e:  # noqa: BLE001
+            pytest.skip(f"Inductor fails on this model without fxfuse: {type(e).__name__}")
         torch._dynamo.reset()
         with fxfuse.installed(hook) as p:
             out = torch.compile(model)(t).float()
-    assert p.report.removed == 6 and len(p.report.groups) == 4
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2  # bf16: two orders of summation
+    if freezing:
+        assert p.report.removed == 6 and len(p.report.groups) == 4
+    else:
+        assert p.report.removed == 0 and p.report.skipped == {"quantized_weights_concatenated_per_call": 10}

@@ -124,6 +124,26 @@ def test_no_fuse_int8_with_plain_sibling():
     assert gm.code == code and report.skipped == {Reason.QUANT_MISMATCH.value: 2}
 
 
+def test_no_fuse_int8_backend_weights_that_cannot_be_stored():
+    # int8 weights passed in as arguments: no storage can hold them across
+    # calls, and concatenating them on every call would copy each weight again.
+    def f(x, w1, s1, w2, s2):
+        return F.linear(x, w1.to(x.dtype)) * s1, F.linear(x, w2.to(x.dtype)) * s2
+
+    int8 = lambda *shape: torch.randint(-128, 127, shape, dtype=torch.int8)  # noqa: E731
+    args = (torch.randn(3, 8), int8(4, 8), torch.rand(4), int8(2, 8), torch.rand(2))
+    be = fxfuse.backend(inner="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, backend=be)(*args), f(*args))
+    assert be.report.removed == 0 and be.report.skipped == {Reason.QUANT_CONCAT_PER_CALL.value: 2}
+    # Asked for by name, the in-graph concatenation is still made.
+    torch._dynamo.reset()
+    be = fxfuse.backend(inner="eager", weights="cat")
+    with torch.no_grad():
+        rel_close(torch.cat(torch.compile(f, backend=be)(*args), -1), torch.cat(f(*args), -1))
+    assert be.report.removed == 1
+
+
 def test_cast_only_weights_fuse_before_the_cast():
     def f(x, w1, w2):  # bf16 weights computed in fp32: cast once after concatenating
         return F.linear(x, w1.to(torch.float32)), F.linear(x, w2.to(torch.float32))
@@ -139,11 +159,16 @@ def test_cast_only_weights_fuse_before_the_cast():
 # ------------------------------------------------------------ aten level
 
 
+# Freezing makes the concatenated int8 weights one constant (on CPU it also
+# folds the int8 -> float32 cast; MKL packing is kept off so GEMMs stay mm).
+FREEZING = {"fx_graph_cache": False, "freezing": True, "cpp.weight_prepack": False}
+
+
 @pytest.fixture(scope="module")
 def int8_baseline():
-    """The int8 model's eager output and Inductor's GEMM calls without fxfuse."""
+    """The int8 model's eager output and Inductor's GEMM calls without fxfuse (frozen)."""
     model = int8_llama()
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+    with torch.no_grad(), torch._inductor.config.patch(FREEZING):
         ref = model(TOKENS)
         _, codes = run_and_get_code(torch.compile(model), TOKENS)
     torch._dynamo.reset()
@@ -153,16 +178,30 @@ def int8_baseline():
 @pytest.mark.parametrize("hook", HOOKS)
 def test_fuse_int8_llama_inductor_hook_removes_6_gemms(hook, int8_baseline):
     ref, base = int8_baseline  # 15: 7 int8 linears a layer and the plain output projection
-    with fxfuse.installed(hook) as p, torch.no_grad():
+    with fxfuse.installed(hook) as p, torch.no_grad(), torch._inductor.config.patch(FREEZING):
         out, codes = run_and_get_code(torch.compile(int8_llama()), TOKENS)
     rel_close(out, ref)
     assert p.report.removed == 6 and base - sum(len(GEMM.findall(c)) for c in codes) == 6
 
 
-@pytest.mark.parametrize("hook", ["joint_custom_pre_pass", "post_grad_custom_pre_pass"])
-def test_fuse_int8_aten_graph_casts_concatenated_weights_once(hook):
-    model, x = QKV(), torch.randn(2, 3, 16)
+@pytest.mark.parametrize("hook", HOOKS)
+def test_no_fuse_int8_hook_without_freezing(hook):
+    # The weights are graph inputs: fusing would concatenate the int8 weights
+    # on every call. q,k,v and w1,w3 of 2 layers are left alone.
+    model = int8_llama()
     with aten_graphs(hook) as (p, before, after), torch.no_grad():
+        out = torch.compile(model)(TOKENS)
+    assert before == after and p.report.removed == 0
+    assert p.report.skipped == {Reason.QUANT_CONCAT_PER_CALL.value: 10}
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(TOKENS))
+
+
+def test_fuse_int8_aten_graph_casts_concatenated_weights_once():
+    # The joint hook under freezing: the concatenations below become constants.
+    model, x = QKV(), torch.randn(2, 3, 16)
+    hook = "joint_custom_pre_pass"
+    with aten_graphs(hook) as (p, before, after), torch.no_grad(), torch._inductor.config.patch(FREEZING):
         out = torch.compile(model)(x)
     (ops_before,), (ops,) = before, after
     assert p.report.removed == 2 and ops_before.count("convert_element_type.default") == 3
