@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--prefill", type=int, default=2048, help="prompt length; 0 skips prefill")
     p.add_argument("--mode", default="reduce-overhead", help='compile mode; "none" for default')
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--inductor-options", type=json.loads, default=None, metavar="JSON",
+                   help='Inductor options on top of the mode\'s, for every variant, e.g. '
+                   '\'{"coordinate_descent_tuning": false}\'')
     p.add_argument("--tol", type=float, default=5e-2,
                    help="largest |out-ref|/|ref| of logits that counts as agreeing with eager")
     p.add_argument("--tiny", action="store_true", help="tiny config; CPU allowed")
@@ -209,29 +212,37 @@ def compare(out, ref, tol):
             "agrees": bool(torch.isfinite(out).all() and err <= tol)}
 
 
-def make_compiled(v, mode):
+def make_compiled(v, mode, extra=None):
+    """`extra`: Inductor options on top of the mode's (then every variant
+    passes the mode as options, since torch.compile takes one or the other)."""
     name, model = v.name, v.model
+    opts = {**(torch._inductor.list_mode_options(mode) if mode else {}), **extra} if extra else None
+    kw = {"options": opts} if opts else {"mode": mode}
     if name == "fxfuse":
         try:
             v.res["fxfuse_via"] = 'backend="fxfuse" (entry point)'
+            if opts:  # the backend's own options go beside the inner compiler's
+                raise RuntimeError("inner options: use fxfuse.backend()")
             return torch.compile(model, backend="fxfuse", mode=mode, dynamic=False)
         except Exception as first:  # no entry point: the package is not pip-installed here
             try:  # the same backend, built by the package's own call
                 import fxfuse
-                v.res["fxfuse_via"] = f"fxfuse.backend() (no entry point: {first!r})"
-                return torch.compile(model, backend=fxfuse.backend(mode=mode), dynamic=False)
+                v.res["fxfuse_via"] = f"fxfuse.backend() ({first!r})"
+                be = fxfuse.backend(inner_options=opts) if opts else fxfuse.backend(mode=mode)
+                return torch.compile(model, backend=be, dynamic=False)
             except Exception as second:
                 raise RuntimeError(f"{first!r}; then fxfuse.backend(): {second!r}") from None
     if name == "fxfuse_cat":
         import fxfuse
-        return torch.compile(model, backend=fxfuse.backend(mode=mode, weights="cat"), dynamic=False)
+        be = fxfuse.backend(inner_options=opts, weights="cat") if opts else fxfuse.backend(mode=mode, weights="cat")
+        return torch.compile(model, backend=be, dynamic=False)
     if name == "freezing":
         # Same model and same mode as `unfused` would compare equal as backends, and
         # dynamo would reuse unfused's compiled code without compiling (seen on torch
         # 2.13). Spelling the mode as options plus freezing=True makes it distinct.
-        opts = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-        return torch.compile(model, options={**opts, "freezing": True}, dynamic=False)
-    return torch.compile(model, mode=mode, dynamic=False)
+        base = opts or (torch._inductor.list_mode_options(mode) if mode else {})
+        return torch.compile(model, options={**base, "freezing": True}, dynamic=False)
+    return torch.compile(model, dynamic=False, **kw)
 
 
 def model_bytes(cfg, model):
@@ -281,7 +292,8 @@ def summarize(vs, meta):
 def markdown(vs, meta):
     f = lambda x, s="{:.2f}": "-" if x is None else s.format(x)  # noqa: E731
     bw = meta.get("copy_bw_gb_s")
-    lines = [f"card: {meta['card']}  torch: {meta['torch']}  mode: {meta['mode']}",
+    lines = [f"card: {meta['card']}  torch: {meta['torch']}  mode: {meta['mode']}"
+             f"  options: {meta.get('inductor_options')}",
              f"command: {meta['command']}",
              f"config: {meta['config']}",
              f"decode reads {meta['bytes_per_token'] / 1e9:.2f} GB/token; copy bandwidth "
@@ -350,7 +362,7 @@ def run(args):
     meta = {"card": torch.cuda.get_device_name() if cuda else "cpu",
             "torch": f"{torch.__version__} (CUDA {torch.version.cuda})",
             "mode": mode, "command": " ".join([sys.executable] + sys.argv), "config": repr(cfg),
-            "variants_order": names, "tokens": args.tokens}
+            "variants_order": names, "tokens": args.tokens, "inductor_options": args.inductor_options}
     if cuda:
         meta["copy_bw_gb_s"] = copy_bandwidth(dev) / 1e9
     b.log(f"{meta['card']}, torch {meta['torch']}, {cfg}")
@@ -389,7 +401,7 @@ def run(args):
     for v in vs:
         try:
             b.log(f"compiling {v.name}")
-            b.compile(v, lambda v=v: make_compiled(v, mode))
+            b.compile(v, lambda v=v: make_compiled(v, mode, args.inductor_options))
             v.res["check"] = compare(b.check_step(v.fn, v.model, seed=1), ref, args.tol)
             if args.prefill:
                 b.mark()
