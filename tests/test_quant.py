@@ -132,9 +132,17 @@ def test_no_fuse_int8_backend_weights_that_cannot_be_stored():
 
     int8 = lambda *shape: torch.randint(-128, 127, shape, dtype=torch.int8)  # noqa: E731
     args = (torch.randn(3, 8), int8(4, 8), torch.rand(4), int8(2, 8), torch.rand(2))
-    be = fxfuse.backend(inner="eager")
+    seen = []
+
+    def inner(gm, example_inputs):  # sees the graph fxfuse hands on
+        seen.append(call_ops(gm))
+        return gm.forward
+
+    be = fxfuse.backend(inner=inner)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(f, backend=be)(*args), f(*args))
+        gm, _ = capture_with_inputs(f, *args)
+    assert seen == [call_ops(gm)]  # as Dynamo traced it
     assert be.report.removed == 0 and be.report.skipped == {Reason.QUANT_CONCAT_PER_CALL.value: 2}
     # Asked for by name, the in-graph concatenation is still made.
     torch._dynamo.reset()
