@@ -23,8 +23,8 @@ from torch import fx
 from . import trace
 from .config import FuseConfig
 from .fuse import _fuse
-from .legality import Reason
 from .inputs import FusedInputs, copy_graph_module
+from .legality import Reason
 from .match import count_linears
 from .report import FuseReport
 
@@ -119,6 +119,7 @@ class Backend:
             failed.skipped[Reason.ERROR.value] += sum(len(g.members) for g in report.groups)
             return self._inner(gm, example_inputs), failed, gm
         return (inputs.wrap(compiled, keep) if stored else compiled), report, work
+
 
 def backend(**options: Any) -> Backend:
     """A configured backend for ``torch.compile(model, backend=fxfuse.backend(...))``.

@@ -22,6 +22,7 @@ from .match import Group, Linear, Operand, value_of
 
 __all__ = [
     "Reason", "check_member", "incompatibility", "check_independent", "insertion_point", "check_no_mutation",
+    "check_per_call_concat",
 ]
 
 
@@ -39,7 +40,7 @@ class Reason(str, enum.Enum):
     DEVICE_MISMATCH = "device_mismatch"
     IN_FEATURES_MISMATCH = "in_features_mismatch"
     QUANT_MISMATCH = "dequantization_mismatch"  # quantized and plain, or other cast/scale dtypes
-    # int8 weights would be concatenated in the graph on every call (fuse.py says why not).
+    # int8 weights would be concatenated in the graph on every call (see check_per_call_concat).
     QUANT_CONCAT_PER_CALL = "quantized_weights_concatenated_per_call"
     NEEDS_GRAD = "weights_need_grad"
     SHARDED_INPUT_NEEDS_GRAD = "sharded_input_needs_grad"  # tensor parallel: see dtensor.py
