@@ -216,33 +216,26 @@ def make_compiled(v, mode, extra=None):
     """`extra`: Inductor options on top of the mode's (then every variant
     passes the mode as options, since torch.compile takes one or the other)."""
     name, model = v.name, v.model
-    opts = {**(torch._inductor.list_mode_options(mode) if mode else {}), **extra} if extra else None
-    kw = {"options": opts} if opts else {"mode": mode}
-    if name == "fxfuse":
+    mode_opts = torch._inductor.list_mode_options(mode) if mode else {}
+    opts = {**mode_opts, **extra} if extra else None
+    inner = {"inner_options": opts} if opts else {"mode": mode}  # for fxfuse.backend()
+    if name == "fxfuse" and not opts:  # the string form takes no options for the inner compiler
         try:
             v.res["fxfuse_via"] = 'backend="fxfuse" (entry point)'
-            if opts:  # the backend's own options go beside the inner compiler's
-                raise RuntimeError("inner options: use fxfuse.backend()")
             return torch.compile(model, backend="fxfuse", mode=mode, dynamic=False)
-        except Exception as first:  # no entry point: the package is not pip-installed here
-            try:  # the same backend, built by the package's own call
-                import fxfuse
-                v.res["fxfuse_via"] = f"fxfuse.backend() ({first!r})"
-                be = fxfuse.backend(inner_options=opts) if opts else fxfuse.backend(mode=mode)
-                return torch.compile(model, backend=be, dynamic=False)
-            except Exception as second:
-                raise RuntimeError(f"{first!r}; then fxfuse.backend(): {second!r}") from None
-    if name == "fxfuse_cat":
-        import fxfuse
-        be = fxfuse.backend(inner_options=opts, weights="cat") if opts else fxfuse.backend(mode=mode, weights="cat")
-        return torch.compile(model, backend=be, dynamic=False)
+        except Exception as e:  # no entry point: the package is not pip-installed here
+            v.res["fxfuse_via"] = f"fxfuse.backend() (no entry point: {e!r})"
+    if name in ("fxfuse", "fxfuse_cat"):
+        import fxfuse  # the same backend, built by the package's own call
+        v.res.setdefault("fxfuse_via", "fxfuse.backend()" + (" (inner options)" if opts else ""))
+        weights = {"weights": "cat"} if name == "fxfuse_cat" else {}
+        return torch.compile(model, backend=fxfuse.backend(**inner, **weights), dynamic=False)
     if name == "freezing":
         # Same model and same mode as `unfused` would compare equal as backends, and
         # dynamo would reuse unfused's compiled code without compiling (seen on torch
         # 2.13). Spelling the mode as options plus freezing=True makes it distinct.
-        base = opts or (torch._inductor.list_mode_options(mode) if mode else {})
-        return torch.compile(model, options={**base, "freezing": True}, dynamic=False)
-    return torch.compile(model, dynamic=False, **kw)
+        return torch.compile(model, options={**(opts or mode_opts), "freezing": True}, dynamic=False)
+    return torch.compile(model, dynamic=False, **({"options": opts} if opts else {"mode": mode}))
 
 
 def model_bytes(cfg, model):
