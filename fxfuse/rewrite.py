@@ -21,8 +21,8 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .aten import emit_aten, emit_cast, is_aten_group
 from . import legality
+from .aten import emit_aten, emit_cast, is_aten_group
 from .match import Group, Operand, value_of
 
 __all__ = ["fuse_group", "Rerouted", "SPLIT_SIZES_KEY"]
