@@ -165,6 +165,17 @@ class FusedInputs:
         self.extra.append(st.fused)
         return node
 
+    def snapshot(self) -> tuple:
+        """What `rollback` restores: the pass calls it before a rewrite."""
+        return len(self.slots), len(self.extra), len(self.members), frozenset(self.local)
+
+    def rollback(self, state: tuple) -> None:
+        """Forget the fused inputs added since `snapshot` (their placeholders
+        are erased with the rest of a failed rewrite)."""
+        slots, extra, members, local = state
+        del self.slots[slots:], self.extra[extra:], self.members[members:]
+        self.local = set(local)
+
     def prune(self) -> list[int]:
         """Drop the member placeholders the rewrite left unread; return the
         indices of the original arguments the compiled graph still takes."""
