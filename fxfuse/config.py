@@ -30,9 +30,15 @@ class FuseConfig:
         (None: no cap; one GEMM for the whole set is the point).
     max_rows: leave siblings alone when their shared input has more rows than
         this (rows: the product of all dimensions but the last); None: no
-        limit. 512 is measured: on an H100, 4 LLaMA-7B-sized layers ran
-        1.2-1.4x faster fused at 1-256 rows and 0.98-1.01x at 1024-4096
-        (docs/benchmarks.md), where the separate GEMMs fill the GPU already.
+        limit. A user override: the cost gate (`min_speedup`) decides by
+        default. On an H100, 4 LLaMA-7B-sized layers ran 1.2-1.4x faster
+        fused at 1-256 rows and 0.98-1.01x at 1024-4096 (docs/benchmarks.md).
+    min_speedup: fuse a set of siblings only where the cost model (cost.py)
+        predicts the fused GEMM at least this much faster than the separate
+        ones, from their rows, K, widths, dtype and device; None turns the
+        gate off. 1.05 is chosen: below it, the measured gain on the GEMMs
+        (1-3%) is what the split's strided pieces cost downstream
+        (docs/design.md, "The cost gate").
     should_fuse: called with each `Group` that passed every built-in check;
         return False to leave it alone (reason "vetoed").
     strict: re-raise errors inside the pass instead of compiling the graph
@@ -47,7 +53,8 @@ class FuseConfig:
 
     min_group_size: int = 2
     max_group_size: Optional[int] = None
-    max_rows: Optional[int] = 512
+    max_rows: Optional[int] = None
+    min_speedup: Optional[float] = 1.05
     should_fuse: Optional[Callable[["Group"], bool]] = None
     strict: bool = False
     weights: str = "auto"
@@ -65,6 +72,11 @@ class FuseConfig:
             )
         if self.max_rows is not None and (not isinstance(self.max_rows, int) or self.max_rows < 1):
             raise ValueError(f"max_rows must be None or a positive int, got {self.max_rows!r}")
+        if self.min_speedup is not None and (
+            isinstance(self.min_speedup, bool) or not isinstance(self.min_speedup, (int, float))
+            or not self.min_speedup > 0
+        ):
+            raise ValueError(f"min_speedup must be None or a number > 0, got {self.min_speedup!r}")
         if self.should_fuse is not None and not callable(self.should_fuse):
             raise TypeError(f"should_fuse must be callable, got {type(self.should_fuse).__name__}")
         if self.weights not in WEIGHT_MODES:

@@ -36,6 +36,7 @@ from torch import fx
 
 from . import dtensor, legality
 from .config import FuseConfig
+from .cost import check as check_cost, decisions as gate_decisions
 from .legality import Reason
 from .match import Group, Linear, find_linears, siblings, value_of
 from .report import FusedGroup, FuseReport
@@ -104,7 +105,7 @@ def plan(
                   members[0].input.name, reason.value)
 
     for sibs in siblings(linears):
-        reason = legality.check_rows(gm, sibs[0].input, config.max_rows)
+        reason = check_cost(gm, sibs, config)  # max_rows, then the predicted speedup
         if reason is not None:
             refuse(sibs, reason)
             continue
@@ -197,6 +198,7 @@ def _fuse(
     localized, needs_grad = dtensor.localize(gm)
     try:
         report = _fuse_local(gm, config, weight_source, runs_with_grad, grad_graph)
+        report.gate = gate_decisions(gm)
     finally:
         dtensor.restore(gm, localized)
     if needs_grad:

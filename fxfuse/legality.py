@@ -46,6 +46,8 @@ class Reason(str, enum.Enum):
     SHARDED_INPUT_NEEDS_GRAD = "sharded_input_needs_grad"  # tensor parallel: see dtensor.py
     BELOW_MIN_GROUP_SIZE = "below_min_group_size"
     TOO_MANY_ROWS = "input_rows_above_max_rows"
+    # The cost model predicts too small a gain from one fused GEMM (cost.py).
+    PREDICTED_GAIN_TOO_SMALL = "predicted_gain_below_min_speedup"
     MEMBER_DEPENDS_ON_MEMBER = "member_depends_on_member"
     MUTATION_BETWEEN_MEMBERS = "mutation_between_members"
     STATE_CHANGE_BETWEEN_MEMBERS = "autocast_or_grad_mode_change_between_members"

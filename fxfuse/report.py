@@ -14,7 +14,7 @@ The same numbers go to ``torch._dynamo.utils.counters``: "fxfuse" holds
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tabulate import tabulate
@@ -43,6 +43,7 @@ class FuseReport:
     skipped: Counter = field(default_factory=Counter)
     graphs: int = 0  # graphs this report covers
     errors: list[str] = field(default_factory=list)
+    gate: list = field(default_factory=list)  # cost.GateDecision per sibling set, fused or not
 
     @property
     def removed(self) -> int:
@@ -58,6 +59,7 @@ class FuseReport:
         ]
         self.skipped.update(other.skipped)
         self.errors += other.errors
+        self.gate += [replace(d, graph=base + d.graph) for d in other.gate]
         self.graphs += other.graphs
 
     def publish(self) -> None:
@@ -77,6 +79,7 @@ class FuseReport:
             "before": self.before, "after": self.after, "removed": self.removed,
             "groups": [asdict(g) for g in self.groups],
             "skipped": dict(self.skipped), "graphs": self.graphs, "errors": list(self.errors),
+            "gate": [asdict(d) for d in self.gate],
         }
 
     @classmethod
@@ -84,8 +87,12 @@ class FuseReport:
         """The inverse of `as_dict` ("removed" is derived, so it is not read)."""
         groups = [FusedGroup(tuple(g["members"]), tuple(g["widths"]), tuple(g["bias"]), g["weights"], g["graph"])
                   for g in data["groups"]]
+        from .cost import GateDecision
+
+        gate = [GateDecision(**{**d, "members": tuple(d["members"]), "widths": tuple(d["widths"])})
+                for d in data.get("gate", [])]
         return cls(data["before"], data["after"], groups, Counter(data["skipped"]), data["graphs"],
-                   list(data["errors"]))
+                   list(data["errors"]), gate)
 
     def summary(self) -> str:
         return (
@@ -105,6 +112,12 @@ class FuseReport:
         if self.skipped:
             rows = sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append(tabulate(rows, headers=["left alone because", "linear calls"]))
+        if self.gate:  # the cost gate (cost.py), per set of siblings
+            rows = [(d.graph, d.input, "symbolic" if d.rows is None else d.rows, d.k, len(d.widths),
+                     d.why,
+                     "fused" if d.fused else "left alone") for d in self.gate]
+            lines.append(tabulate(rows, headers=["graph", "cost gate: input", "rows", "K", "members",
+                                                 "because", "decision"]))
         for e in self.errors:
             lines.append(f"error: {e}")
         return "\n\n".join(lines)
