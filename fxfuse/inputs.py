@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
+from . import quantized
 from .legality import Reason, check_per_call_concat
 from .match import Group, Operand
 from .weights import Storage, concat_rows, storage_for
@@ -87,6 +88,7 @@ class FusedInputs:
         self.extra: list[Tensor] = []
         self.members: list[fx.Node] = []  # placeholders now read through a storage
         self.local: set[int] = set()  # arguments that are DTensors: their local tensor is stored
+        gm.meta[quantized.JOINS_KEY] = True  # torchao weights: their inner tensors are stored
 
     def _arg(self, op: Optional[Operand]) -> Optional[int]:
         """The argument index of a weight that can move into a storage, else -1."""
@@ -196,7 +198,15 @@ class FusedInputs:
         """
         slots = self.slots
         self.extra = []  # the slots find the tensors; hold no strong reference
-        checked = [i for slot in slots for i in slot.arg_index if i is not None]
+        # torchao weights: check each inner tensor, appended after the arguments.
+        inner = {i: st.names for slot in slots if isinstance(st := slot.ref(), quantized.SubclassStorage)
+                 for i in slot.arg_index if i is not None}
+        n_args = end = len(self.placeholders)
+        extra_at: dict[int, int] = {}  # where each one's inner tensors start
+        for i, names in inner.items():
+            extra_at[i], end = end, end + len(names)
+        checked = [i for slot in slots for i in slot.arg_index if i is not None and i not in inner]
+        checked += range(n_args, end)
         local = sorted(self.local)  # DTensor arguments: check their local tensors
         same_ptrs = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _same_ptrs)
         take = operator.itemgetter(*keep) if len(keep) > 1 else (lambda a: tuple(a[i] for i in keep))
@@ -204,14 +214,17 @@ class FusedInputs:
 
         def refresh(args: tuple) -> list[Tensor]:
             fused = [slot.fused(args) for slot in slots]
-            ptrs: list[Optional[int]] = [None] * len(args)
+            ptrs: list[Optional[int]] = [None] * end
             for slot in slots:
                 st = slot.ref()
-                if st is None:  # a temporary concatenation: check the slow way each call
-                    state[0] = None
+                if st is None or (isinstance(st, quantized.SubclassStorage) and any(
+                        st.names != inner.get(i) for i in slot.arg_index)):
+                    state[0] = None  # a temporary concatenation: check the slow way each call
                     return fused
                 for i, p in zip(slot.arg_index, st.ptrs):
-                    if i is not None:
+                    if i in inner:
+                        ptrs[extra_at[i] : extra_at[i] + len(p)] = p  # type: ignore[arg-type]
+                    elif i is not None:
                         ptrs[i] = p
             state[0], state[1] = ptrs, [weakref.ref(f) for f in fused]
             return fused
@@ -222,7 +235,9 @@ class FusedInputs:
             tensors = list(args)
             for i in local:
                 tensors[i] = tensors[i]._local_tensor
-            if ptrs is not None and same_ptrs(tensors, ptrs, checked):
+            for i, names in inner.items():
+                tensors += [getattr(args[i], n, None) for n in names]
+            if ptrs is not None and all(t is not None for t in tensors[n_args:]) and same_ptrs(tensors, ptrs, checked):
                 fused = [r() for r in state[1]]
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
                 fused = refresh(args)

@@ -18,6 +18,7 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from . import quantized
 from .match import Group, Linear, Operand, value_of
 
 __all__ = [
@@ -31,8 +32,14 @@ class Reason(str, enum.Enum):
 
     UNKNOWN_WEIGHT = "unknown_weight"  # no tensor value in the node's meta
     TENSOR_SUBCLASS = "tensor_subclass_weight"
-    # Packed in another dtype than it computes in (torchao's Int8Tensor, AffineQuantizedTensor, ...).
+    # Packed in another dtype than it computes in (torchao's Int8Tensor, AffineQuantizedTensor, ...),
+    # of a layout quantized.py does not know, or where no storage can join it (see check_member).
     QUANTIZED_SUBCLASS = "quantized_tensor_subclass_weight"
+    # torchao weights that cannot be joined row by row (quantized.py):
+    QUANT_SUBCLASS_MISMATCH = "quantized_subclass_mismatch"  # different classes (Int8Tensor, Float8Tensor)
+    # Same class, other metadata: block size, granularity, activation quantization, inner dtypes.
+    QUANT_METADATA_MISMATCH = "quantization_metadata_mismatch"
+    QUANT_NOT_PER_ROW = "quantized_scales_not_per_row"  # per-tensor scales, an input pre-scale
     WEIGHT_NOT_2D = "weight_not_2d"
     SYMBOLIC_SHAPE = "symbolic_weight_shape"
     BAD_BIAS = "bias_shape_or_dtype"
@@ -80,6 +87,17 @@ def _packs_narrower(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return False
 
 
+def _check_quantized(gm: fx.GraphModule, w: torch.Tensor) -> Optional[Reason]:
+    """A torchao weight joins its siblings only where the graph's weight
+    source stores joined rows (the backend's storage, which sets
+    `quantized.JOINS_KEY`): no in-graph concatenation exists for it."""
+    if not quantized.is_quantized_subclass(w):
+        return Reason.QUANTIZED_SUBCLASS if _packs_narrower(w, w.dtype) else Reason.TENSOR_SUBCLASS
+    if not gm.meta.get(quantized.JOINS_KEY):
+        return Reason.QUANTIZED_SUBCLASS
+    return Reason.QUANT_NOT_PER_ROW if quantized.not_per_row(w) else None
+
+
 def _is_static(n: object) -> bool:
     return isinstance(n, int) and not isinstance(n, bool)
 
@@ -90,7 +108,9 @@ def check_member(gm: fx.GraphModule, lin: Linear, allow_grad: bool) -> Optional[
     if not isinstance(w, torch.Tensor):
         return Reason.UNKNOWN_WEIGHT
     if not _is_plain(w):
-        return Reason.QUANTIZED_SUBCLASS if _packs_narrower(w, w.dtype) else Reason.TENSOR_SUBCLASS
+        reason = _check_quantized(gm, w)
+        if reason is not None:
+            return reason
     if w.dim() != 2:
         return Reason.WEIGHT_NOT_2D
     if not all(_is_static(s) for s in w.shape):
@@ -133,6 +153,12 @@ def incompatibility(gm: fx.GraphModule, a: Linear, b: Linear) -> Optional[Reason
     """Why `b` cannot share a GEMM with `a` (both passed `check_member`)."""
     wa, wb = value_of(gm, a.weight), value_of(gm, b.weight)
     assert isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor)
+    if _is_plain(wa) != _is_plain(wb):
+        return Reason.QUANT_MISMATCH
+    if not _is_plain(wa):
+        why = quantized.mismatch(wa, wb)
+        if why is not None:
+            return Reason.QUANT_SUBCLASS_MISMATCH if why == "class" else Reason.QUANT_METADATA_MISMATCH
     sa, sb = (value_of(gm, m.scale) if m.scale is not None else None for m in (a, b))
     if a.cast != b.cast or (sa is None) != (sb is None) or (sa is not None and sa.dtype != sb.dtype):  # type: ignore[union-attr]
         return Reason.QUANT_MISMATCH
@@ -426,5 +452,7 @@ def check_per_call_concat(gm: fx.GraphModule, group: Group) -> Optional[Reason]:
     for m in group.members:
         w = value_of(gm, m.weight)
         if m.cast is not None and isinstance(w, torch.Tensor) and not w.is_floating_point():
+            return Reason.QUANT_CONCAT_PER_CALL
+        if quantized.is_quantized_subclass(w):  # torchao: no in-graph concatenation at all
             return Reason.QUANT_CONCAT_PER_CALL
     return None

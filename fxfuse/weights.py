@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .dtensor import is_dtensor, local_value, repoint
@@ -111,8 +112,16 @@ def concat_rows(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> T
     """The members stacked along dim 0 in a new tensor; None (a missing bias)
     counts as zeros of its width."""
     ref = local_value(next(m for m in members if m is not None))
+    if _quantized(ref):
+        from .quantized import join_rows
+
+        return join_rows(members, widths)
     return torch.cat([local_value(m) if m is not None else ref.new_zeros((w, *ref.shape[1:]))
                       for m, w in zip(members, widths)])
+
+
+def _quantized(t: object) -> bool:
+    return is_traceable_wrapper_subclass(t) and not is_dtensor(t)
 
 
 def _plain(t: Tensor) -> bool:
@@ -127,6 +136,10 @@ def storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> O
     they cannot share one: a repeated or non-contiguous tensor, or a tensor
     that another group's storage still backs (one tensor has one home)."""
     present = [m for m in members if m is not None]
+    if present and _quantized(present[0]):  # torchao: one storage per inner tensor (quantized.py)
+        from .quantized import subclass_storage_for
+
+        return subclass_storage_for(members, widths) if len({id(m) for m in present}) == len(members) else None  # type: ignore[return-value]
     if not present or len({id(m) for m in present}) != len(present) or not all(_plain(local_value(m)) for m in present):
         return None
     owners = {id(s): s for m in present if (s := _REGISTRY.get(m)) is not None}
@@ -161,7 +174,10 @@ def unfuse(module: torch.nn.Module) -> int:
     call. Returns the number of tensors moved.
     """
     moved = 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    tensors = list(module.parameters()) + list(module.buffers())
+    # A quantized weight's inner tensors are what its storage holds (quantized.py).
+    tensors += [getattr(t, k) for t in tensors if _quantized(t) for k in t.__tensor_flatten__()[0]]
+    for t in tensors:
         if _REGISTRY.get(t) is not None:
             if not is_dtensor(t):
                 t.data = t.data.clone()
