@@ -22,25 +22,31 @@ every call, which at small batch costs more than the saved launches (the
 backend's "storage" mode removes that copy, see weights.py).
 
 Analysis (match + legality) runs on the untouched graph; the rewrite runs
-after, and old nodes are erased only at the end. If the rewrite fails, the
-graph is put back as it was and the error is reported, unless ``strict``.
+after, and old nodes are erased only at the end. A group may read another
+group's member output (``c = C(b); d = D(b)`` with b fused on x): it is
+rewritten after that group and reads b's piece. If the rewrite fails, the
+graph is put back exactly as it was (transaction.py) and the error is
+reported, unless ``strict``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 from typing import Callable, Optional, Union
 
 from torch import fx
 
-from . import dtensor, legality
+from . import dtensor, legality, transaction
 from .config import FuseConfig
 from .cost import check as check_cost, decisions as gate_decisions
+from .cse import share_producers
 from .legality import Reason
 from .match import Group, Linear, find_linears, siblings, value_of
 from .report import FusedGroup, FuseReport
-from .rewrite import Rerouted, fuse_group
+from .rewrite import fuse_group
+from .transaction import Transaction
 
 __all__ = ["fuse_linears", "plan"]
 
@@ -91,10 +97,10 @@ def plan(
     Returns (groups with their insertion anchors, skipped calls by reason,
     number of linear calls).
     """
-    linears = find_linears(gm)
+    # Inputs that are one pure computation repeated read as one (cse.py).
+    linears, skipped = share_producers(gm, find_linears(gm))
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    skipped: Counter = Counter()
     accepted: list[tuple[Group, fx.Node]] = []
     written: Optional[tuple[set[fx.Node], set[int]]] = None
     live = legality.live_nodes(gm)
@@ -217,18 +223,19 @@ def _fuse_local(
     report = FuseReport(before=before, after=before, skipped=skipped, graphs=1)
     if not groups:
         return report
-    graph = gm.graph
-    existing = set(graph.nodes)
-    rerouted: list[Rerouted] = []  # for undo
+    tx = Transaction(gm, weight_source)
     fused_groups: list[FusedGroup] = []
     fused_calls: list[Linear] = []
+    now_read: dict[fx.Node, fx.Node] = {}  # replaced member -> what its users read now
     try:
-        for group, anchor in groups:
+        for group, anchor in _producers_first(groups):
+            group = _reading_current(group, now_read)
             given = weight_source(gm, group) if weight_source is not None else None
             if isinstance(given, Reason):
                 report.skipped[given.value] += len(group.calls)
                 continue
-            fuse_group(gm, group, anchor, given, rerouted=rerouted)
+            transaction.checkpoint("weights")
+            now_read.update(fuse_group(gm, group, anchor, given))
             fused_calls += group.calls
             fused_groups.append(FusedGroup(
                 tuple(group.names),
@@ -236,10 +243,14 @@ def _fuse_local(
                 tuple(m.bias is not None for m in group.calls),
                 "storage" if given else "cat",
             ))
-        graph.lint()
-        _erase_replaced(gm, fused_calls)
-    except Exception as e:  # noqa: BLE001 - any failure must leave the graph intact
-        _undo(gm, existing, rerouted)
+        transaction.checkpoint("lint")
+        gm.graph.lint()
+        # What only served the replaced calls (the matmul, the transpose) goes too.
+        tx.erase([lin.node for lin in fused_calls], [n for lin in fused_calls for n in lin.dead])
+        transaction.checkpoint("recompile")
+        gm.recompile()
+    except Exception as e:  # noqa: BLE001 - any failure must leave the graph as it was
+        tx.rollback()
         if config.strict:
             raise
         log.warning("fxfuse: rewrite failed, graph left unchanged: %r", e)
@@ -251,28 +262,51 @@ def _fuse_local(
     return report
 
 
-def _erase_replaced(gm: fx.GraphModule, calls: list[Linear]) -> None:
-    """Erase the replaced calls, then what only served them (matmul, transpose)."""
-    graph = gm.graph
-    for lin in reversed(calls):
-        graph.erase_node(lin.node)
-    dead = {n for lin in calls for n in lin.dead if n is not lin.node}
-    for node in reversed(graph.nodes):
-        if node in dead and not node.users:
-            graph.erase_node(node)
-    gm.recompile()
+def _producers_first(groups: list[tuple[Group, fx.Node]]) -> list[tuple[Group, fx.Node]]:
+    """The groups in plan order, except that a group whose input (or weight)
+    is another group's member output comes after that group. Both may go
+    before the same node (the first reader of the member), and the reader's
+    GEMM must come after the piece it reads."""
+    owner = {m.node: i for i, (g, _) in enumerate(groups) for m in g.calls}
+    out: list[tuple[Group, fx.Node]] = []
+    state: dict[int, bool] = {}  # group index -> done (False: on the stack)
+    for root in range(len(groups)):
+        stack = [root]
+        while stack:
+            i = stack[-1]
+            if state.get(i) is None:
+                state[i] = False
+                g = groups[i][0]
+                needs = {owner[n] for n in (g.input, *_nodes_of(g)) if n in owner}
+                stack += [j for j in needs if j not in state]  # (a cycle cannot pass legality)
+            else:
+                stack.pop()
+                if not state[i]:
+                    state[i] = True
+                    out.append(groups[i])
+    return out
 
 
-def _undo(gm: fx.GraphModule, existing: set[fx.Node], rerouted: list[Rerouted]) -> None:
-    """Put the graph back: users return to the old members, new nodes go."""
-    graph = gm.graph
-    for member, piece, users in reversed(rerouted):
-        for user in users:
-            user.replace_input_with(piece, member)
-    for node in reversed(list(graph.nodes)):
-        if node not in existing:
-            graph.erase_node(node)
-    gm.recompile()
+def _nodes_of(group: Group) -> list[fx.Node]:
+    return [o for m in group.calls for o in m.operands if isinstance(o, fx.Node)]
+
+
+def _reading_current(group: Group, now_read: dict[fx.Node, fx.Node]) -> Group:
+    """`group` with its input and operands as they are now: a member output
+    of a group fused before it is read through that group's piece."""
+    if not now_read:
+        return group
+
+    def cur(o):
+        while isinstance(o, fx.Node) and o in now_read:
+            o = now_read[o]
+        return o
+
+    def lin(m: Linear) -> Linear:
+        return replace(m, input=cur(m.input), weight=cur(m.weight), bias=cur(m.bias), scale=cur(m.scale))
+
+    return Group(cur(group.input), [lin(m) for m in group.members], group.widths,
+                 [(lin(d), i) for d, i in group.duplicates])
 
 
 def fuse_linears(gm: fx.GraphModule, config: Optional[FuseConfig] = None) -> FuseReport:

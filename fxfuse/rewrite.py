@@ -21,14 +21,11 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import legality
+from . import legality, transaction
 from .aten import emit_aten, emit_cast, is_aten_group
 from .match import Group, Operand, value_of
 
-__all__ = ["fuse_group", "Rerouted", "SPLIT_SIZES_KEY"]
-
-# (replaced node, its replacement, the users moved): enough to undo exactly.
-Rerouted = tuple[fx.Node, fx.Node, list[fx.Node]]
+__all__ = ["fuse_group", "SPLIT_SIZES_KEY"]
 
 # The fused GEMM node records its split sizes here, so later passes (tensor
 # parallelism, export) can cut the fused weight apart again.
@@ -90,8 +87,7 @@ def fuse_group(
     group: Group,
     anchor: fx.Node,
     given: Optional[dict[str, fx.Node]] = None,
-    rerouted: Optional[list[Rerouted]] = None,
-) -> fx.Node:
+) -> dict[fx.Node, fx.Node]:
     """Insert the fused GEMM before `anchor` and reroute every member's users.
 
     `given` maps "weight" / "bias" / "scale" to nodes that already hold the
@@ -101,11 +97,12 @@ def fuse_group(
     and biased once.
 
     The member nodes are left in place without users; the caller erases them
-    once every group is rewritten (an anchor may be another group's member).
-    Each move of users is logged in `rerouted` before it happens, so a
-    failure can be undone. Exact duplicates get their original's piece; a
-    group of one distinct member needs no concatenation and no split.
-    Returns the fused GEMM node.
+    once every group is rewritten (an anchor may be another group's member,
+    and a later group may read a member's output: see `fuse.py`). Undo is
+    the caller's (transaction.py): this only adds nodes and moves users.
+    Exact duplicates get their original's piece; a group of one distinct
+    member needs no concatenation and no split.
+    Returns, for each member and duplicate, the node its users read now.
     """
     graph = gm.graph
     members, ref = group.members, group.members[0]
@@ -140,6 +137,7 @@ def fuse_group(
 
     with graph.inserting_before(anchor):
         weight, bias, scale = stacked("weight"), stacked("bias"), stacked("scale")
+        transaction.checkpoint("concat")
         if ref.cast is not None:
             weight = dialect["cast"](graph, ref, weight)
             made.append((weight, (n_total, *k_dims), ref.cast))
@@ -149,10 +147,12 @@ def fuse_group(
             chain.append(dialect["mul"](graph, chain[-1], scale))
             if bias is not None:
                 chain.append(dialect["add"](graph, chain[-1], bias))
+        transaction.checkpoint("gemm")
         parts, outs = None, [chain[-1]]
         if len(members) > 1:
             parts = dialect["split"](graph, chain[-1], list(group.widths))
             outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+    transaction.checkpoint("split")
     fused.meta[SPLIT_SIZES_KEY] = list(group.widths)
     new_nodes = [n for n, _, _ in made] + chain + ([parts] if parts is not None else [])
     new_nodes += [n for n in fused.all_input_nodes if n.op == "call_function" and not n.meta]  # aten permute
@@ -162,6 +162,7 @@ def fuse_group(
                 n.meta.setdefault(k, ref.node.meta[k])
     if key is not None:
         _set_values(gm, group, key, made, fused, chain, parts, outs)
+    transaction.checkpoint("values")
     pairs = [(m, i) for i, m in enumerate(members)] + list(group.duplicates)
     # A piece that leaves the graph (returned, or handed on across a graph
     # break) must have the strides the member's own output had, since code
@@ -169,44 +170,65 @@ def fuse_group(
     # on the members' own values, before their users move.
     escaping = {i for m, i in pairs if legality.escapes(gm, m.node)} if parts is not None else set()
     copies = {i: _contiguous_copy(graph, outs[i], key, dialect is _ATEN) for i in sorted(escaping)}
-    origin = {user: m.node for m, _ in pairs for user in m.node.users}  # for undo
+    now_read: dict[fx.Node, fx.Node] = {}
     for m, i in pairs:
-        target = copies.get(i, outs[i])
-        users = list(m.node.users)
-        if rerouted is not None:
-            rerouted.append((m.node, target, users))
-        m.node.replace_all_uses_with(target)
+        now_read[m.node] = copies.get(i, outs[i])
+        m.node.replace_all_uses_with(now_read[m.node])
+        transaction.checkpoint("reroute")
     if parts is not None:
         for i, piece in enumerate(outs):
             if i not in escaping:
-                for user, copy in _keep_views_legal(graph, piece, key, dialect is _ATEN):
-                    if rerouted is not None:
-                        rerouted.append((origin[user], copy, [user]))
-    return fused
+                _keep_layouts(gm, piece, key, dialect is _ATEN)
+    transaction.checkpoint("views")
+    return now_read
 
 
 _VIEW_METHODS = ("view",)
 _VIEW_OPS = (aten.view.default,)
 
 
-def _keep_views_legal(graph: fx.Graph, piece: fx.Node, key: Optional[str], is_aten: bool) -> list[tuple[fx.Node, fx.Node]]:
+def _keep_layouts(gm: fx.GraphModule, piece: fx.Node, key: Optional[str], is_aten: bool) -> None:
     """A piece is a column slice of the fused output, not contiguous like the
-    member's own output was: a ``view`` that needed contiguity (``.view(-1)``)
-    would raise. Such users read a contiguous copy instead; the common views
-    (splitting the last dim into heads) stay free. Returns (user, copy) pairs."""
+    member's own output was. Users that may depend on that layout read a
+    contiguous copy instead (one copy per piece):
+      * a ``view`` that needed contiguity (``.view(-1)``) would raise; the
+        common views (splitting the last dim into heads) stay free;
+      * an op outside PyTorch (a ``torch.library`` custom op, a user
+        function or module the graph calls opaquely) may assume the strides
+        eager gives it, as custom kernels often do."""
     val = piece.meta.get(key) if key else None
-    moved: list[tuple[fx.Node, fx.Node]] = []
+    copy: Optional[fx.Node] = None
     for user in list(piece.users):
         is_view = (user.op == "call_method" and user.target in _VIEW_METHODS) or (
             user.op == "call_function" and (user.target in _VIEW_OPS or user.target is torch.Tensor.view))
-        if not is_view or user.args[0] is not piece:
+        if is_view and user.args[0] is piece:
+            if isinstance(val, FakeTensor) and _view_ok(val, user.args[1:]):
+                continue
+        elif not _is_foreign(gm, user):
             continue
-        if isinstance(val, FakeTensor) and _view_ok(val, user.args[1:]):
-            continue
-        copy = _contiguous_copy(graph, piece, key, is_aten)
+        copy = copy or _contiguous_copy(gm.graph, piece, key, is_aten)
         user.replace_input_with(piece, copy)
-        moved.append((user, copy))
-    return moved
+
+
+# Callables of these modules take any strides (PyTorch's own ops, Python's operators).
+_OWN_MODULES = ("torch", "_operator", "operator", "math", "builtins")
+
+
+def _is_foreign(gm: fx.GraphModule, user: fx.Node) -> bool:
+    """Is `user` code from outside PyTorch, which may assume a contiguous input?"""
+    t = user.target
+    if user.op == "call_module":
+        return not type(gm.get_submodule(str(t))).__module__.startswith("torch.")
+    if user.op != "call_function":
+        return False  # tensor methods, output
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return t.namespace not in ("aten", "prims")
+    if isinstance(t, torch._ops.HigherOrderOperator):
+        # Traced PyTorch code, unless it wraps a custom op (auto_functionalized).
+        return any(isinstance(a, torch._ops.OpOverload) and a.namespace not in ("aten", "prims") for a in user.args)
+    owner = getattr(t, "__objclass__", None)  # Tensor methods: torch.Tensor.view
+    module = getattr(owner or t, "__module__", None) or ""
+    return module.split(".")[0] not in _OWN_MODULES
 
 
 def _contiguous_copy(graph: fx.Graph, piece: fx.Node, key: Optional[str], is_aten: bool) -> fx.Node:
