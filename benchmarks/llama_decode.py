@@ -17,6 +17,16 @@ the compiled code; a backend that copies weights at compile time would too).
   GPU:        python benchmarks/llama_decode.py --out .out
   CPU smoke:  python benchmarks/llama_decode.py --tiny --variants unfused,hand_fused,freezing \
                   --tokens 8 --repeats 2 --prefill 16
+
+torchao (``quantize_`` after building each model; the hand-fused copy is
+quantized after its wqkv/w13 are built, as torchao's own hand fusion does):
+
+  python benchmarks/llama_decode.py --torchao int8wo,int8dq,float8dq_row --layers 8 --prefill 0
+  CPU smoke:  python benchmarks/llama_decode.py --tiny --torchao int8wo,float8wo --tokens 8 --repeats 2 --prefill 0
+
+runs the variants unfused, hand_fused and fxfuse for each config in turn and
+prints one table per config. The in-place check halves every quantized
+weight's scales (torchao's tensors have no in-place multiply).
 """
 from __future__ import annotations
 
@@ -40,7 +50,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fxfuse.models import LlamaConfig, Transformer, load_hand_fused, quantize_int8  # noqa: E402
 
 VARIANTS = ("unfused", "fxfuse", "hand_fused", "freezing", "fxfuse_cat")
+TORCHAO_VARIANTS = "unfused,hand_fused,fxfuse"  # hand fusion first: it tells what is reachable
 GiB = 2**30
+
+
+def torchao_config(name):
+    """torchao 0.18 configs by short name. set_inductor_config=False: every
+    variant compiles under the same Inductor settings (the default would set
+    process-wide flags on the first quantize_)."""
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+                                      Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                      Int8WeightOnlyConfig, PerRow, PerTensor)
+
+    configs = {
+        "int8wo": lambda: Int8WeightOnlyConfig(set_inductor_config=False),
+        "int8dq": lambda: Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+        "float8wo": lambda: Float8WeightOnlyConfig(set_inductor_config=False),
+        "float8dq_row": lambda: Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow(), set_inductor_config=False),
+        "float8dq_tensor": lambda: Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerTensor(), set_inductor_config=False),
+        "int4wo": lambda: Int4WeightOnlyConfig(
+            group_size=128, int4_packing_format="tile_packed_to_4d", set_inductor_config=False),
+    }
+    if name not in configs:
+        sys.exit(f"unknown --torchao config {name!r}; choose from {sorted(configs)}")
+    return configs[name]()
+
+
+def quantized_inner(model):
+    """(name, inner tensor) of every torchao weight (qdata, scale, zero point)."""
+    out = []
+    for n, p in model.named_parameters():
+        if hasattr(p, "__tensor_flatten__"):
+            out += [(f"{n}.{k}", getattr(p, k)) for k in p.__tensor_flatten__()[0]]
+    return out
 
 
 def parse_args(argv=None):
@@ -60,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--int8", action="store_true",
                    help="weight-only int8 linears (gpt-fast style: linear(x, w.to(dtype)) * scales); "
                    "the hand-fused model is quantized after fusing")
+    p.add_argument("--torchao", metavar="CONFIGS",
+                   help="comma-separated torchao configs (int8wo, int8dq, float8wo, float8dq_row, "
+                   "float8dq_tensor, int4wo), each run in turn; variants default to " + TORCHAO_VARIANTS)
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one generation per variant: GPU kernel time "
                    "and kernel count per token, and the largest kernels")
@@ -241,8 +288,9 @@ def make_compiled(v, mode, extra=None):
 def model_bytes(cfg, model):
     """Bytes one decode step must read: weights (not the embedding table, one row
     of it is read) plus the whole KV cache (attention masks, it does not skip)."""
-    tensors = list(model.named_parameters()) + [
-        (n, b) for n, b in model.named_buffers() if n.endswith(("weight", "scales"))]  # int8 linears
+    tensors = [(n, p) for n, p in model.named_parameters() if not hasattr(p, "__tensor_flatten__")]
+    tensors += quantized_inner(model)  # torchao weights: their packed data and scales
+    tensors += [(n, b) for n, b in model.named_buffers() if n.endswith(("weight", "scales"))]  # int8 linears
     w = sum(p.numel() * p.element_size() for n, p in tensors if not n.startswith("tok_embeddings"))
     kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.max_seq * cfg.head_dim * 2
     return w, w + kv
@@ -294,6 +342,10 @@ def markdown(vs, meta):
              "speedup = unfused time / variant time (>1 is faster); spread = (max-min)/median "
              "over repeats: speedups inside the spread are noise. Variants compiled in the order "
              "listed, in one process: later ones may reuse kernels compiled for earlier ones.",
+             *([f"torchao {meta['torchao']} ({meta['quantized_weight_class']}): quantized weights "
+                f"{meta['quantized_bytes_before'] / GiB:.3f} GiB before, "
+                f"{meta.get('quantized_bytes_after', 0) / GiB:.3f} GiB after (distinct storages)"]
+               if "torchao" in meta else []),
              *(f"WARNING: {w}" for w in meta.get("warnings", [])), "",
              "| variant | decode tok/s | speedup | GB/s | spread | prefill ms | speedup | TFLOP/s "
              "| extra GiB alloc/reserved | peak GiB | compile s dec/pre | rel err vs eager "
@@ -377,11 +429,21 @@ def run(args):
             if args.int8:
                 plain = quantize_int8(plain)
                 fused = quantize_int8(fused) if fused is not None else None
+            if args.torchao:
+                from torchao.quantization import quantize_
+
+                for m in (plain, fused):
+                    if m is not None:
+                        quantize_(m, torchao_config(args.torchao))
+                meta["torchao"] = args.torchao
+                meta["quantized_weight_class"] = type(plain.layers[0].attention.wq.weight).__name__
     finally:
         torch.set_default_dtype(old)
     models = [m for m in (plain, fused) if m is not None]
     for m in models:
         m.setup_cache(1)  # caches exist before any "before" reading: not counted as extra
+    if args.torchao:
+        meta["quantized_bytes_before"] = sum(t.nbytes for _, t in quantized_inner(plain))
     w, meta["bytes_per_token"] = model_bytes(cfg, plain)
     meta["weight_bytes"] = w
     # 2 flop per weight per token, plus causal attention (QK^T and PV, half of P x P).
@@ -433,7 +495,10 @@ def run(args):
     # compile time keeps computing with the old ones and disagrees with eager.
     for m in models:
         for p in m.parameters():
-            p.mul_(0.5)
+            if hasattr(p, "__tensor_flatten__"):  # torchao: halve the scales in place
+                p.scale.mul_(0.5)
+            else:
+                p.mul_(0.5)
         for name, buf in m.named_buffers():
             if name.endswith("scales"):  # int8 linears: scale the dequantized weights
                 buf.mul_(0.5)
@@ -444,10 +509,14 @@ def run(args):
         except Exception as e:
             v.res["inplace"] = {"error": f"{type(e).__name__}: {e}"}
 
+    if args.torchao:  # quantized bytes after: no variant may have added a copy
+        meta["quantized_bytes_after"] = sum(
+            {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in quantized_inner(plain)}.values())
     summarize(vs, meta)
     md = markdown(vs, meta)
     print("\n" + md, flush=True)
     save(args.out, vs, meta, md)
+    return md
 
 
 def main(argv=None):
@@ -456,7 +525,20 @@ def main(argv=None):
     # default limit (8) is just reached, so raise it here, for this run only.
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     with torch._dynamo.config.patch(**{limit: 64}), torch.no_grad():
-        run(args)
+        if not args.torchao:
+            return run(args)
+        if args.variants == ",".join(VARIANTS):
+            args.variants = TORCHAO_VARIANTS
+        tables = []
+        for name in args.torchao.split(","):  # one config at a time, each from a clean slate
+            torch._dynamo.reset()
+            one = argparse.Namespace(**{**vars(args), "torchao": name,
+                                        "out": args.out / name if args.out else None})
+            tables.append(f"## torchao {name}\n\n" + run(one))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print("\n" + "\n".join(tables), flush=True)
 
 
 if __name__ == "__main__":
