@@ -87,6 +87,15 @@ class _ExportedWeights:
         self.count += 1
         return nodes
 
+    def snapshot(self) -> tuple:
+        """What `rollback` restores: the pass calls it before a rewrite."""
+        return list(self.specs), dict(self.spec_of), set(self.replaced), dict(self.new_state), self.count
+
+    def rollback(self, state: tuple) -> None:
+        """Forget the parameters added since `snapshot` (a failed rewrite)."""
+        specs, self.spec_of, self.replaced, self.new_state, self.count = state
+        self.specs[:] = specs  # the caller holds this list
+
     def _add_parameter(self, target: str, value: torch.Tensor, ops: list) -> fx.Node:
         graph = self.gm.graph
         params = [n for n in graph.find_nodes(op="placeholder") if self.spec_of.get(n.name, None) is not None

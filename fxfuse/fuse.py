@@ -247,8 +247,6 @@ def _fuse_local(
         gm.graph.lint()
         # What only served the replaced calls (the matmul, the transpose) goes too.
         tx.erase([lin.node for lin in fused_calls], [n for lin in fused_calls for n in lin.dead])
-        transaction.checkpoint("recompile")
-        gm.recompile()
     except Exception as e:  # noqa: BLE001 - any failure must leave the graph as it was
         tx.rollback()
         if config.strict:
@@ -257,6 +255,7 @@ def _fuse_local(
         report.errors.append(repr(e))
         report.skipped[Reason.ERROR.value] += sum(len(g.calls) for g, _ in groups)
         return report
+    gm.recompile()
     report.groups = fused_groups
     report.after = len(find_linears(gm))
     return report
@@ -309,8 +308,9 @@ def _reading_current(group: Group, now_read: dict[fx.Node, fx.Node]) -> Group:
                  [(lin(d), i) for d, i in group.duplicates])
 
 
-def fuse_linears(gm: fx.GraphModule, config: Optional[FuseConfig] = None) -> FuseReport:
+def fuse_linears(gm: fx.GraphModule, config: Optional[FuseConfig] = None, **options: object) -> FuseReport:
     """Fuse sibling linear calls of `gm` in place and report what was done.
+    Options: a `FuseConfig`, or its fields by name (``min_group_size=3``).
 
     >>> import torch, fxfuse
     >>> class QKV(torch.nn.Module):
@@ -323,6 +323,18 @@ def fuse_linears(gm: fx.GraphModule, config: Optional[FuseConfig] = None) -> Fus
     >>> fxfuse.fuse_linears(gm).removed
     2
     """
-    report = _fuse(gm, config or FuseConfig())
+    if not isinstance(gm, fx.GraphModule):
+        import torch
+
+        hint = ('trace it first (gm = torch.fx.symbolic_trace(model)), or compile it with '
+                'torch.compile(model, backend="fxfuse")' if isinstance(gm, torch.nn.Module)
+                else "pass a torch.fx.GraphModule")
+        raise TypeError(f"fuse_linears rewrites a torch.fx.GraphModule, got {type(gm).__name__}: {hint}")
+    if config is not None and options:
+        raise TypeError(f"fuse_linears takes a FuseConfig or keyword options, not both; got config and {sorted(options)}")
+    if config is not None and not isinstance(config, FuseConfig):
+        raise TypeError(f"config must be a FuseConfig, got {type(config).__name__}; "
+                        "keyword options go by name: fuse_linears(gm, min_group_size=3)")
+    report = _fuse(gm, config or FuseConfig.from_options(options))
     report.publish()
     return report

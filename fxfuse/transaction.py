@@ -6,7 +6,9 @@ The pass rewrites in three phases, and only the last one destroys anything:
      nothing existing is touched;
   2. reroute: the users of each member move to its piece (their args change);
   3. erase: the replaced members, and what only served them, are erased,
-     after checking that nothing outside that set still reads them.
+     after checking that nothing outside that set still reads them. This is
+     the commit: erasing a node nothing reads cannot fail, and only code
+     generation comes after it.
 
 `Transaction` records, before phase 1, every node in order with its args and
 kwargs, the module's attribute names, the part of ``gm.meta`` the pass uses,
@@ -40,8 +42,7 @@ STEPS = (
     "reroute",   # after the first member's users moved to its piece
     "views",     # users that need a member's own layout read a copy
     "lint",      # after every group: the graph is checked
-    "erase",     # the replaced members are about to be erased
-    "recompile",
+    "erase",     # the replaced members are about to be erased: the commit
 )
 
 # Keys of gm.meta the weight sources append to (see inductor.py).
