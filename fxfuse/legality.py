@@ -55,6 +55,9 @@ class Reason(str, enum.Enum):
     TOO_MANY_ROWS = "input_rows_above_max_rows"
     # The cost model predicts too small a gain from one fused GEMM (cost.py).
     PREDICTED_GAIN_TOO_SMALL = "predicted_gain_below_min_speedup"
+    # Inputs that repeat one op which may not be shared: impure, random, or
+    # reading something written in place (cse.py).
+    PRODUCER_NOT_SHAREABLE = "input_repeats_an_unshareable_op"
     MEMBER_DEPENDS_ON_MEMBER = "member_depends_on_member"
     MUTATION_BETWEEN_MEMBERS = "mutation_between_members"
     STATE_CHANGE_BETWEEN_MEMBERS = "autocast_or_grad_mode_change_between_members"

@@ -145,3 +145,43 @@ def test_fuse_chain_exported():
     fused = fxfuse.fuse_exported(ep, strict=True)
     assert fused.fxfuse_report.removed == 2
     torch.testing.assert_close(fused.module()(x), model(x))
+
+
+@torch.library.custom_op("fxfuse_test::needs_contiguous", mutates_args=())
+def needs_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # A custom kernel that assumes eager's layout, as many do.
+    assert t.is_contiguous(), f"strides {t.stride()} for shape {tuple(t.shape)}"
+    return t * 2
+
+
+@needs_contiguous.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+class CustomOpReader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return needs_contiguous(self.q(x)) + 1, self.k(x).relu()
+
+
+@pytest.mark.parametrize("entry", ["backend", "post_grad_custom_pre_pass", "export"])
+def test_fuse_piece_read_by_custom_op_is_contiguous(entry):
+    """The op sees the strides eager gives it: its piece is a contiguous copy."""
+    model, x = _model(CustomOpReader), torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x)
+        if entry == "backend":
+            be = fxfuse.backend(inner="eager", strict=True)
+            out, removed = torch.compile(model, backend=be)(x), lambda: be.report.removed
+        elif entry == "export":
+            fused = fxfuse.fuse_exported(torch.export.export(model, (x,)), strict=True)
+            out, removed = fused.module()(x), lambda: fused.fxfuse_report.removed
+        else:
+            with torch._inductor.config.patch(fx_graph_cache=False), fxfuse.installed(entry, strict=True) as p:
+                out, removed = torch.compile(model)(x), lambda: p.report.removed
+    torch.testing.assert_close(out, ref)
+    assert removed() == 1
