@@ -13,6 +13,7 @@ from fxfuse import Reason
 from fxfuse.models import LlamaConfig, Transformer
 
 from conftest import call_ops, capture_with_inputs
+from test_inductor import _no_compile_caches  # noqa: F401 - the autouse fixture: passes must run
 
 quantization = pytest.importorskip("torchao.quantization")
 
@@ -226,3 +227,32 @@ def test_no_fuse_quantized_tensor_subclass_weight_without_storage():
     # weights="cat" asks for an in-graph concatenation, which torchao's tensors lack.
     model = quantized_pair(CONFIGS["int8_weight_only"]())
     assert_backend_left_alone(model, (X,), Reason.QUANTIZED_SUBCLASS, 2, weights="cat")
+
+
+# ------------------------------------------------------------ Inductor's hooks
+
+
+class QKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = (nn.Linear(64, n, bias=False) for n in (64, 32, 32))
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x)
+
+
+def test_fuse_torchao_int8_weight_only_in_inductor_hooks_with_freezing():
+    # Inside Inductor the subclass is gone: torchao's weight-only int8 linear is
+    # mm(x, qdata.t().to(dtype)) * scale, the aten int8 form fxfuse already
+    # fuses; with freezing, the int8 weights and scales are concatenated once.
+    model = QKV().to(DTYPE).eval()
+    quantization.quantize_(model, CONFIGS["int8_weight_only"]())
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        expected = torch.compile(model)(X)
+        torch._dynamo.reset()
+        with fxfuse.installed("post_grad_custom_pre_pass") as p:
+            out = torch.compile(model)(X)
+    assert p.report.removed == 2
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b)
