@@ -6,7 +6,7 @@ no side effects: the backend is found through the ``torch_dynamo_backends``
 entry point, and nothing is registered or configured at import.
 """
 
-from .backend import Backend, backend
+from .backend import Backend, OptionError, backend
 from .config import FuseConfig
 from .export import fuse_exported
 from .fuse import fuse_linears
@@ -25,6 +25,7 @@ __all__ = [
     "FuseReport",
     "FusedGroup",
     "Group",
+    "OptionError",
     "Reason",
     "backend",
     "fuse_exported",

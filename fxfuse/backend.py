@@ -14,7 +14,9 @@ compiled, unless ``strict=True``.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import types
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -28,11 +30,18 @@ from .legality import Reason
 from .match import count_linears
 from .report import FuseReport
 
-__all__ = ["Backend", "backend", "compile_fxfuse"]
+__all__ = ["Backend", "OptionError", "backend", "compile_fxfuse"]
 
 log = logging.getLogger(__name__)
 
 Compiler = Callable[[fx.GraphModule, list], Callable]
+
+# The backend's own options; the rest are FuseConfig's.
+BACKEND_OPTIONS = ("inner", "mode", "inner_options")
+
+
+class OptionError(ValueError):
+    """A bad option given through ``torch.compile(backend="fxfuse", options=...)``."""
 
 
 def _resolve_inner(inner: Union[str, Compiler], mode: Optional[str], inner_options: Optional[dict]) -> Compiler:
@@ -69,10 +78,18 @@ class Backend:
         inner_options: Optional[dict] = None,
         **options: Any,
     ) -> None:
-        self.config = FuseConfig.from_options(options)
+        self.config = FuseConfig.from_options(options, also=BACKEND_OPTIONS)
         self.inner = inner
         self._inner = _resolve_inner(inner, mode, inner_options)
         self.report = FuseReport()
+
+    def __deepcopy__(self, memo: dict) -> "Backend":
+        # A backend is a compiler, like a function (which deepcopy also returns
+        # as is): its only state is the report the user holds. Libraries that
+        # deep-copy their settings (transformers copies its CompileConfig on
+        # every generate()) must not leave that report empty, nor hand Dynamo a
+        # new backend object each time, which would recompile.
+        return self
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
         if kwargs:
@@ -90,6 +107,8 @@ class Backend:
             n = count_linears(gm)
             report = FuseReport(before=n, after=n, graphs=1, errors=[repr(e)])
             compiled, after = self._inner(gm, example_inputs), gm
+        if _ends_at_dynamic_quant_linear():
+            report.skipped[Reason.AO_DYNAMIC_QUANT.value] += 1
         report.publish()
         self.report.merge(report)
         trace.show(report, after, before)
@@ -121,6 +140,22 @@ class Backend:
         return (inputs.wrap(compiled, keep) if stored else compiled), report, work
 
 
+def _ends_at_dynamic_quant_linear() -> bool:
+    """Did Dynamo end the graph being compiled at a torch.ao dynamic quantized
+    linear? Such a call never reaches a graph, so without this a model after
+    quantize_dynamic reports 0 -> 0 linear calls and no reason. Reads the
+    graph-break reason Dynamo keeps for its own logs (private: any change
+    there only loses the count)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        reason = InstructionTranslator.current_tx().output.compile_subgraph_reason
+        frame = reason.user_stack[-1]
+    except Exception:  # noqa: BLE001 - not traced by Dynamo, or its internals moved
+        return False
+    return bool(reason.graph_break) and "ao/nn/quantized/dynamic" in frame.filename.replace("\\", "/")
+
+
 def backend(**options: Any) -> Backend:
     """A configured backend for ``torch.compile(model, backend=fxfuse.backend(...))``.
 
@@ -137,5 +172,24 @@ def compile_fxfuse(
     mode: Optional[str] = None,
     options: Optional[dict] = None,
 ) -> Callable:
-    """Entry point of ``backend="fxfuse"``; torch.compile passes mode/options."""
-    return Backend(mode=mode, **(options or {}))(gm, example_inputs)
+    """Entry point of ``backend="fxfuse"``; torch.compile passes mode/options,
+    and this is the first moment fxfuse sees them."""
+    try:
+        be = Backend(**{**({"mode": mode} if mode else {}), **(options or {})})
+    except (TypeError, ValueError) as e:
+        raise _short(OptionError(f"backend='fxfuse': {e}"), inspect.currentframe()) from None
+    return be(gm, example_inputs)
+
+
+def _short(error: Exception, frame: Optional[types.FrameType]) -> Exception:
+    """`error` as one Dynamo passes on unwrapped and shows from `frame` on: a
+    bad option is the user's to fix, not a backend crash with Dynamo's frames."""
+    from torch._dynamo import exc
+
+    base = getattr(exc, "ShortenTraceback", None)  # torch >= 2.6
+    if base is None:
+        return error
+    cls = type(type(error).__name__, (type(error), base), {"__module__": type(error).__module__})
+    short = cls(str(error))  # (ShortenTraceback.__init__ is skipped: ValueError's takes no keywords)
+    short.first_useful_frame = frame
+    return short

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from .match import Group
 
-__all__ = ["FuseConfig", "WEIGHT_MODES"]
+__all__ = ["FuseConfig", "WEIGHT_MODES", "check_option_names"]
 
 # How the backend gives the fused GEMM its weight:
 #   "auto": where the members are parameters or buffers that need no gradient,
@@ -86,10 +87,19 @@ class FuseConfig:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "FuseConfig":
-        """Build from a dict, naming any unknown key (a typo must not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown fxfuse option(s) {unknown}; valid: {sorted(known)}")
+    def from_options(cls, options: dict[str, Any], also: tuple[str, ...] = ()) -> "FuseConfig":
+        """Build from a dict, naming any unknown key (a typo must not pass
+        silently). `also`: the caller's own option names, valid but not ours."""
+        known = [f.name for f in fields(cls)]
+        check_option_names(options, [*also, *known])
         return cls(**options)
+
+
+def check_option_names(options: dict[str, Any], known: list[str]) -> None:
+    """One line naming the first unknown option and every valid one, in the
+    manner of torch.compile's "Unexpected optimization option" for Inductor."""
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown fxfuse option {unknown[0]!r}{hint}; known options are: {', '.join(known)}")

@@ -49,6 +49,10 @@ class Reason(str, enum.Enum):
     QUANT_MISMATCH = "dequantization_mismatch"  # quantized and plain, or other cast/scale dtypes
     # int8 weights would be concatenated in the graph on every call (see check_per_call_concat).
     QUANT_CONCAT_PER_CALL = "quantized_weights_concatenated_per_call"
+    # torch.ao's quantize_dynamic linears: Dynamo ends the graph at each (its packed
+    # weight is no tensor) and the call runs outside every graph. The backend counts
+    # one per graph that ended at one (calls in frames Dynamo skips go uncounted).
+    AO_DYNAMIC_QUANT = "torch_ao_dynamic_quantized_linear_outside_graph"
     NEEDS_GRAD = "weights_need_grad"
     SHARDED_INPUT_NEEDS_GRAD = "sharded_input_needs_grad"  # tensor parallel: see dtensor.py
     BELOW_MIN_GROUP_SIZE = "below_min_group_size"

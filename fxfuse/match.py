@@ -96,7 +96,12 @@ def _module_path(node: fx.Node) -> Optional[str]:
     path = list(stack.values())[-1][0]
     # Dynamo spells the root "L['self']", or "L['args'][0]" when the model was
     # entered through a wrapper; drop it, keep the module path.
-    return _ROOT.sub("", path) or None
+    path = _ROOT.sub("", path)
+    # Below it, Dynamo writes the sources it read: "__dict__['_modules']['down_blocks'].0"
+    # or "_modules['x']" or "layers[0]". Users know the dotted name that
+    # named_modules() gives (down_blocks.0): write that.
+    path = re.sub(r"\.?(?:__dict__\[['\"]_modules['\"]\]|_modules)?\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
+    return path.lstrip(".") or None
 
 
 def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:

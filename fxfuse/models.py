@@ -162,7 +162,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch: int) -> None:
         cfg = self.cfg
-        p = self.output.weight
+        p = self.tok_embeddings.weight  # (quantize_dynamic makes output.weight a method)
         shape = (batch, cfg.n_kv_head, cfg.max_seq, cfg.head_dim)
         for layer in self.layers:
             layer.attention.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -171,9 +171,12 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, pos: Tensor | None = None) -> Tensor:
         S = tokens.shape[1]
         idx = pos if pos is not None else torch.arange(S, device=tokens.device)
-        # [S, 1, D/2] broadcasts over heads.
-        cos = self.cos[idx].unsqueeze(1).to(self.output.weight.dtype)
-        sin = self.sin[idx].unsqueeze(1).to(self.output.weight.dtype)
+        # [S, 1, D/2] broadcasts over heads. The embedding's dtype is the model's:
+        # quantizers replace the linears (torch.ao's quantize_dynamic makes
+        # `output.weight` a method), never the embedding.
+        dtype = self.tok_embeddings.weight.dtype
+        cos = self.cos[idx].unsqueeze(1).to(dtype)
+        sin = self.sin[idx].unsqueeze(1).to(dtype)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, pos)

@@ -19,7 +19,52 @@ from typing import Any
 
 from tabulate import tabulate
 
-__all__ = ["FuseReport", "FusedGroup"]
+__all__ = ["FuseReport", "FusedGroup", "compact_members", "elide"]
+
+# Columns that keep a report row within 160 characters, the width of a wide
+# terminal: module paths of diffusers or PEFT models run to 80 characters each,
+# and a group of 64 cross-attention k/v would otherwise make a row thousands
+# of characters wide. The full names stay in `as_dict()` (the JSON artifact).
+MEMBERS_WIDTH = 88
+WIDTHS_WIDTH = 24
+
+
+def compact_members(members: tuple[str, ...], bias: tuple[bool, ...] = (), width: int = 0) -> str:
+    """Members as a list if it fits in `width`, else with their common dotted
+    prefix written once, in brace form: ``attn1.{to_q+b, to_k, to_v}``
+    (+b: the member has a bias)."""
+    names = [m + ("+b" if b else "") for m, b in zip(members, bias or (False,) * len(members))]
+    if len(", ".join(names)) <= width:
+        return ", ".join(names)
+    parts = [m.split(".") for m in members]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    if common == 0:
+        return ", ".join(names)
+    prefix = ".".join(parts[0][:common])
+    return prefix + ".{" + ", ".join(n[len(prefix) + 1:] for n in names) + "}"
+
+
+def compact_widths(widths: tuple[int, ...], width: int = 0) -> str:
+    """Split sizes, if they fit in `width`, else with runs written once: ``320+2x80``."""
+    if len("+".join(map(str, widths))) <= width:
+        return "+".join(map(str, widths))
+    runs: list[list[int]] = []
+    for w in widths:
+        if runs and runs[-1][0] == w:
+            runs[-1][1] += 1
+        else:
+            runs.append([w, 1])
+    return "+".join(f"{n}x{w}" if n > 1 else str(w) for w, n in runs)
+
+
+def elide(text: str, width: int) -> str:
+    """`text` cut to `width` characters, saying how much was left out."""
+    if len(text) <= width:
+        return text
+    tail = f" ...(+{len(text)} chars)"
+    return text[: max(width - len(tail), 0)] + tail
 
 
 @dataclass(frozen=True)
@@ -104,8 +149,8 @@ class FuseReport:
         lines = [self.summary()]
         if self.groups:
             rows = [
-                (g.graph, ", ".join(m + ("+b" if b else "") for m, b in zip(g.members, g.bias)),
-                 "+".join(map(str, g.widths)), g.weights, g.removed)
+                (g.graph, _wrap(compact_members(g.members, g.bias, MEMBERS_WIDTH), MEMBERS_WIDTH),
+                 elide(compact_widths(g.widths, WIDTHS_WIDTH), WIDTHS_WIDTH), g.weights, g.removed)
                 for g in self.groups
             ]
             lines.append(tabulate(rows, headers=["graph", "members (+b: bias)", "widths", "weights", "removed"]))
@@ -118,6 +163,23 @@ class FuseReport:
                      "fused" if d.fused else "left alone") for d in self.gate]
             lines.append(tabulate(rows, headers=["graph", "cost gate: input", "rows", "K", "members",
                                                  "because", "decision"]))
-        for e in self.errors:
-            lines.append(f"error: {e}")
+        for e in self.errors:  # in full in as_dict()
+            lines.append(elide(f"error: {e}".splitlines()[0], 160))
         return "\n\n".join(lines)
+
+
+def _wrap(text: str, width: int, max_lines: int = 3) -> str:
+    """A table cell of at most `max_lines` lines of about `width`, broken
+    between members; what does not fit is counted ("+5 more")."""
+    items = text.split(", ")
+    lines = [items[0]]
+    for i, item in enumerate(items[1:], 1):
+        if len(lines[-1]) + len(item) + 2 <= width:
+            lines[-1] += ", " + item
+            continue
+        if len(lines) == max_lines:
+            lines[-1] += f", ... +{len(items) - i} more" + ("}" if text.endswith("}") else "")
+            break
+        lines[-1] += ","
+        lines.append(item)
+    return "\n".join(elide(line, width + 16) for line in lines)

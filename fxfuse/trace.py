@@ -2,7 +2,9 @@
 structured artifacts for tlparse.
 
     TORCH_LOGS="fxfuse"    one INFO line per compiled graph: linear calls
-                           before -> after and the groups fused
+                           before -> after and the groups fused (cut short
+                           when long); one more when linear calls were left
+                           alone because their weights need gradients
     TORCH_LOGS="+fxfuse"   DEBUG adds the graph code after the rewrite (printed
                            as TORCH_LOGS="graph_code" prints Dynamo's graphs),
                            a unified diff before -> after, and every group left
@@ -24,7 +26,8 @@ from typing import Optional
 
 from torch import fx
 
-from .report import FuseReport
+from .legality import Reason
+from .report import FuseReport, compact_members, elide
 
 __all__ = ["graph_text", "show"]
 
@@ -49,9 +52,15 @@ def show(report: FuseReport, after: Optional[fx.GraphModule], before_text: Optio
     emit the tlparse artifacts. `cached`: the report came back from a compile
     cache, so there is no graph to show (`after` is None)."""
     if log.isEnabledFor(logging.INFO):
-        groups = "; ".join("[" + ", ".join(g.members) + "]" for g in report.groups)
         origin = " (from the compile cache)" if cached else ""
-        log.info("%s%s%s", report.summary(), origin, f": {groups}" if groups else "")
+        log.info("%s%s%s", report.summary(), origin, _groups_line(report))
+        needs_grad = report.skipped.get(Reason.NEEDS_GRAD.value, 0)
+        if needs_grad:
+            # The most common way to fuse nothing: an .eval() model called
+            # without no_grad; Dynamo traced it for autograd.
+            log.info("fxfuse: %d linear calls left alone because their weights need gradients "
+                     "(%s): run the model under torch.no_grad() or torch.inference_mode() to fuse "
+                     "them, or pass training=True to fuse for training", needs_grad, Reason.NEEDS_GRAD.value)
     if after is not None and before_text is not None:
         after_text = graph_text(after)
         log.debug("===== fxfuse: graph after the rewrite =====\n%s", after_text)
@@ -59,6 +68,18 @@ def show(report: FuseReport, after: Optional[fx.GraphModule], before_text: Optio
                                     "before fxfuse", "after fxfuse", lineterm="")
         log.debug("===== fxfuse: diff =====\n%s", "\n".join(diff))
     _artifacts(report, after)
+
+
+def _groups_line(report: FuseReport, width: int = 160) -> str:
+    """The fused groups for the INFO line, cut to about `width` characters
+    (every name is in the DEBUG output and the JSON artifact)."""
+    line = ""
+    for i, g in enumerate(report.groups):
+        item = compact_members(g.members)
+        if line and len(line) + len(item) > width:
+            return line + f"; ... +{len(report.groups) - i} more groups"
+        line += ("; " if line else ": ") + elide(item, width)
+    return line
 
 
 def _artifacts(report: FuseReport, after: Optional[fx.GraphModule]) -> None:

@@ -74,8 +74,10 @@ def test_backend_options_through_torch_compile():
 
 
 def test_backend_unknown_option_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown fxfuse option\(s\) \['min_grup_size'\]"):
+    with pytest.raises(ValueError, match=r"unknown fxfuse option 'min_grup_size' \(did you mean 'min_group_size'\?\)"):
         fxfuse.backend(min_grup_size=3)
+    with pytest.raises(ValueError, match="known options are: inner, mode, inner_options, min_group_size, "):
+        fxfuse.backend(innr="eager")
     with pytest.raises(ValueError, match="min_group_size must be an int >= 2, got 1"):
         fxfuse.backend(min_group_size=1)
 
@@ -188,3 +190,29 @@ def test_backend_inner_failure_of_its_own_is_not_hidden():
 
     with pytest.raises(Exception, match="inner compiler bug"), torch.no_grad():
         torch.compile(lambda x: x.sin(), backend=fxfuse.backend(inner=broken))(torch.randn(3))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"innr": "eager"}, r"unknown fxfuse option 'innr' \(did you mean 'inner'\?\); known options are: inner, mode, "),
+    ({"min_group_size": 1}, "min_group_size must be an int >= 2, got 1"),
+], ids=["unknown", "bad_value"])
+def test_backend_option_error_through_torch_compile_is_short(options, message):
+    # Raised at the first compile, the first time fxfuse sees the options, as the
+    # error itself (not Dynamo's BackendCompilerFailed) and without Dynamo's frames.
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(fxfuse.OptionError, match=message) as info:
+        torch.compile(model, backend="fxfuse", options=options)(torch.randn(2, 4))
+    assert len(str(info.value).splitlines()) <= 3  # Dynamo adds a TORCHDYNAMO_VERBOSE hint
+    files = [str(f.path) for f in info.traceback]
+    assert not any("output_graph.py" in f or "after_dynamo.py" in f for f in files), files
+
+
+def test_backend_survives_deepcopy():
+    # transformers deep-copies its CompileConfig, backend included, on every generate().
+    import copy
+
+    be = fxfuse.backend(inner="eager")
+    model, t = llama(), tokens()
+    with torch.no_grad():
+        torch.compile(model, backend=copy.deepcopy({"backend": be})["backend"])(t)
+    assert copy.deepcopy(be) is be and be.report.removed == 6

@@ -44,7 +44,19 @@ def test_logs_info_summary():
     assert res.returncode == 0, res.stderr
     (line,) = fxfuse_lines(res.stderr)
     assert "fxfuse: 15 -> 9 linear calls (6 removed in 4 groups" in line
-    assert "[layers.0.attention.wq, layers.0.attention.wk, layers.0.attention.wv]" in line
+    assert ": layers.0.attention.{wq, wk, wv}; layers.0.feed_forward.{w1, w3}; " in line
+    assert len(line) < 300
+
+
+def test_logs_info_says_why_gradients_block_fusion():
+    # An .eval() model called without no_grad: its weights need gradients.
+    script = SCRIPT.replace("with torch.no_grad():\n    ", "")
+    res = run(["-c", script], {"TORCH_LOGS": "fxfuse"})
+    assert res.returncode == 0, res.stderr
+    summary, hint = fxfuse_lines(res.stderr)
+    assert "fxfuse: 15 -> 15 linear calls (0 removed" in summary
+    assert "10 linear calls left alone because their weights need gradients (weights_need_grad): " \
+        "run the model under torch.no_grad() or torch.inference_mode()" in hint
 
 
 def test_logs_debug_diff():
