@@ -80,7 +80,9 @@ class Backend:
     ) -> None:
         self.config = FuseConfig.from_options(options, also=BACKEND_OPTIONS)
         self.inner = inner
+        self._mode, self._inner_options = mode, inner_options
         self._inner = _resolve_inner(inner, mode, inner_options)
+        self._by_mode: dict[str, Compiler] = {}
         self.report = FuseReport()
 
     def __deepcopy__(self, memo: dict) -> "Backend":
@@ -91,14 +93,16 @@ class Backend:
         # new backend object each time, which would recompile.
         return self
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, mode: Optional[str] = None,
+                 **kwargs: Any) -> Callable:
         if kwargs:
             raise TypeError(
                 f"unexpected arguments {sorted(kwargs)}: pass options to fxfuse.backend(...) instead"
             )
+        inner = self._inner_for(mode)
         before = trace.graph_text(gm) if trace.debug_enabled() else None
         try:
-            compiled, report, after = self._fuse_and_compile(gm, example_inputs)
+            compiled, report, after = self._fuse_and_compile(gm, example_inputs, inner)
         except Exception as e:  # noqa: BLE001 - the user's compile must go on
             if self.config.strict:
                 raise
@@ -106,7 +110,7 @@ class Backend:
             log.warning("fxfuse: %r; compiling the graph unchanged", e)
             n = count_linears(gm)
             report = FuseReport(before=n, after=n, graphs=1, errors=[repr(e)])
-            compiled, after = self._inner(gm, example_inputs), gm
+            compiled, after = inner(gm, example_inputs), gm
         if _ends_at_dynamic_quant_linear():
             report.skipped[Reason.AO_DYNAMIC_QUANT.value] += 1
         report.publish()
@@ -114,7 +118,24 @@ class Backend:
         trace.show(report, after, before)
         return compiled
 
-    def _fuse_and_compile(self, gm: fx.GraphModule, example_inputs: list) -> tuple[Callable, FuseReport, fx.GraphModule]:
+    def _inner_for(self, mode: Optional[str]) -> Compiler:
+        """The inner compiler for the `mode` torch.compile passes along
+        (``torch.compile(model, backend=be, mode=...)``; transformers'
+        CompileConfig passes "reduce-overhead" by default). It reaches a named
+        inner backend as ``fxfuse.backend(mode=...)`` would; a mode the backend
+        was built with wins, and a callable inner has no mode to take."""
+        if not mode or mode == "default" or self._mode:
+            return self._inner
+        if callable(self.inner):
+            log.warning("fxfuse: mode=%r applies to a named inner backend; the callable %r ignores it",
+                        mode, self.inner)
+            return self._inner
+        if mode not in self._by_mode:
+            self._by_mode[mode] = _resolve_inner(self.inner, mode, self._inner_options)
+        return self._by_mode[mode]
+
+    def _fuse_and_compile(self, gm: fx.GraphModule, example_inputs: list,
+                          inner: Compiler) -> tuple[Callable, FuseReport, fx.GraphModule]:
         """Fuse a copy of Dynamo's graph (Dynamo maps its own graph's
         placeholders back to the frame afterwards) and compile the copy."""
         work = copy_graph_module(gm)
@@ -126,7 +147,7 @@ class Backend:
         keep = inputs.prune() if stored else list(range(len(example_inputs)))
         args = [example_inputs[i] for i in keep] + (inputs.extra if stored else [])
         try:
-            compiled = self._inner(work, args)
+            compiled = inner(work, args)
         except Exception as e:  # noqa: BLE001 - the user's compile must go on
             if self.config.strict or not report.groups:
                 raise  # strict, or not the fusion's doing: the same graph would fail unfused
@@ -136,7 +157,7 @@ class Backend:
             n = count_linears(gm)
             failed = FuseReport(before=n, after=n, graphs=1, skipped=report.skipped, errors=[repr(e)])
             failed.skipped[Reason.ERROR.value] += sum(len(g.members) for g in report.groups)
-            return self._inner(gm, example_inputs), failed, gm
+            return inner(gm, example_inputs), failed, gm
         return (inputs.wrap(compiled, keep) if stored else compiled), report, work
 
 

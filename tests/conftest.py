@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import pytest
@@ -53,3 +54,18 @@ def n_linear(gm: fx.GraphModule) -> int:
     from fxfuse.match import count_linears
 
     return count_linears(gm)
+
+
+class _DropTorchaoNoise(logging.Filter):
+    """torchao (in the test extra) warns on import that it cannot load its CUDA
+    kernels ("Failed to load ... .so") on a CPU-only machine, and registers
+    enums that torch calls deprecated: harmless here, and noise in every
+    test report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to load") or "is an Enum subclass" in message)
+
+
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).addFilter(_DropTorchaoNoise())
