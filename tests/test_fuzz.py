@@ -7,7 +7,9 @@ It has one or more sources (x, a view of x or a tensor computed from it, the
 output of an earlier linear) read by 2-6 linears (``F.linear``, a module call,
 ``x @ w.t() + b``, ``torch.addmm``); 2-D and 3-D inputs; weights computed in
 the graph (``w * 2``, ``w.t().t()``, ``w + w'``, ``w[:n]``, ``cat([w, w'])``,
-``w * y.mean()`` from another linear's output); the same weight used twice or
+``w * y.mean()`` from another linear's output); linears on another linear's
+output, so that groups form chains (a group on a member of another group),
+mixed with computed and shared weights; the same weight used twice or
 by two groups, tied weights and tied modules; 1-D weights, broadcast and
 mixed bias; non-contiguous weights; in-place edits of the input or of a view of
 it (made by any view function, ``inplace=`` by position too), of a weight or a
@@ -30,10 +32,10 @@ second batch size. For each program:
     that needs a gradient, with grad as well, comparing every gradient;
   * the backend never raises and ``report.errors == []``.
 
-CI runs FXFUSE_FUZZ_EXAMPLES examples (default 150: about 45 s on two
-cores). Nightly-style:
+CI runs FXFUSE_FUZZ_EXAMPLES examples (default 100) twice: with a fixed seed
+(the same programs every run) and with a fresh one. Nightly-style:
 
-    FXFUSE_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py -q
+    FXFUSE_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py -q -k backend_matches
 
 Replaying a failure: the report shows the program (as source), the run's
 seed (``FXFUSE_FUZZ_SEED=<n>`` with the same FXFUSE_FUZZ_EXAMPLES replays the
@@ -52,6 +54,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 import textwrap
 import traceback
 from dataclasses import dataclass, field
@@ -67,8 +70,9 @@ pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, note, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-EXAMPLES = int(os.environ.get("FXFUSE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("FXFUSE_FUZZ_EXAMPLES", "100"))  # per test: fixed and fresh seed
 SEED = int(os.environ.get("FXFUSE_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+FIXED_SEED = 20261201
 KNOWN_BUGS = os.environ.get("FXFUSE_FUZZ_KNOWN_BUGS") == "1"
 
 # Bugs this fuzzer found that are still open in fxfuse, by the name of their
@@ -220,7 +224,10 @@ def programs(draw) -> Program:
     ndim = draw(st.sampled_from([2, 3]))
     shape = (draw(st.integers(1, 3)), k) if ndim == 2 else (draw(st.integers(1, 2)), draw(st.integers(1, 3)), k)
     n_slots = draw(st.integers(2, 5))
-    widths = tuple(draw(st.sampled_from([1, 2, 3, k, 5])) for _ in range(n_slots))
+    style = draw(st.sampled_from(["clean", "model", "chain", "wild"]))
+    # Chains need outputs of width K (a next group's input): make them common there.
+    width_choices = [k, k, k, 2, 5] if style == "chain" else [1, 2, 3, k, 5]
+    widths = tuple(draw(st.sampled_from(width_choices)) for _ in range(n_slots))
     biases = tuple(draw(st.booleans()) for _ in range(n_slots))
     tied: list = []
     if draw(st.integers(0, 3)) == 0:
@@ -235,8 +242,8 @@ def programs(draw) -> Program:
     requires_grad = draw(st.booleans())
     # "model": each linear has its own weight slot and that slot's bias, as in
     # real models (so the weights can live in one storage); "clean": the same
-    # without edits or graph breaks; "wild": anything.
-    style = draw(st.sampled_from(["clean", "model", "wild"]))
+    # without edits or graph breaks; "chain": clean, with linears on member
+    # outputs (groups in a chain), computed and shared weights; "wild": anything.
     next_slot = [0]
 
     def W(i):
@@ -305,7 +312,7 @@ def programs(draw) -> Program:
         if style != "wild":
             i = next_slot[0] % n_slots
             next_slot[0] += 1
-            if src != "x" and draw(st.booleans()):
+            if src != "x" and style != "chain" and draw(st.booleans()):
                 src = "x"
         else:
             i = draw(st.integers(0, n_slots - 1))
@@ -317,7 +324,7 @@ def programs(draw) -> Program:
             body.append(f"{pad}{name} = self.l{i}({src})")
             outs.append((name, widths[i] if not pad else -1))
             return
-        if style != "wild":
+        if style in ("clean", "model") or (style == "chain" and draw(st.integers(0, 2)) > 0):
             w, n, b = W(i), widths[i], (B(i) if biases[i] else None)
         else:
             w, n = weight_expr(i)
@@ -357,6 +364,13 @@ def programs(draw) -> Program:
             body.append(f"{y}.{draw(st.sampled_from(['add_(1)', 'mul_(2)', 'relu_()']))}")
             flags["writes_output"] = True
 
+    def chain() -> None:
+        """A linear's output of width K as a source itself: its readers form a
+        group on a member of another group (a chain)."""
+        ok = [y for y, n in outs if n == k and y not in sources]
+        if ok:
+            sources.append(draw(st.sampled_from(ok)))
+
     def derive() -> None:
         """A new source from an output of width K: its readers are siblings too."""
         ok = [y for y, n in outs if n == k and y not in derived]
@@ -367,14 +381,16 @@ def programs(draw) -> Program:
             body.append(f"{name} = torch.tanh({y})")
             sources.append(name)
 
-    steps = ["linear"] * (6 if style == "wild" else 12) + ["derive"]
-    if style != "clean":
+    steps = ["linear"] * (6 if style == "wild" else 12) + ["derive", "chain"] + ["chain"] * 4 * (style == "chain")
+    if style not in ("clean", "chain"):
         steps += ["write_input", "write_weight", "break"]
         if allowed("inplace_on_member_output_with_grad") and allowed("duplicate_calls_share_an_output"):
             steps.append("write_output")
         if allowed("region_boundary"):
             steps.append("region")
     n_linears = draw(st.integers(2, 6)) if style == "wild" else n_slots + draw(st.integers(0, 1))
+    if style == "chain":
+        n_linears = draw(st.integers(4, 8))  # slots wrap around: one weight read by several linears
     done = 0
     while done < n_linears:
         step = draw(st.sampled_from(steps))
@@ -388,7 +404,7 @@ def programs(draw) -> Program:
             region[:] = [draw(st.sampled_from(REGIONS))]
         else:
             {"write_input": write_input, "write_weight": write_weight,
-             "write_output": write_output, "derive": derive}[step]()
+             "write_output": write_output, "derive": derive, "chain": chain}[step]()
 
     names = [y for y, _ in outs]
     ret = draw(st.sampled_from(["tuple", "sum", "flat", "some", "with_x"]))
@@ -564,20 +580,38 @@ def _check_backward(out, ref, fn, args, ref_fn, ref_args) -> None:
     torch.testing.assert_close(_grads(fn, args), _grads(ref_fn, ref_args), msg=lambda m: f"gradients: {m}")
 
 
-@seed(SEED)
-@settings(
+_SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(prog=programs(), example_seed=st.integers(0, 2**16))
-def test_fuzz_backend_matches_eager(prog, example_seed):
-    note(f"replay the run: FXFUSE_FUZZ_SEED={SEED} FXFUSE_FUZZ_EXAMPLES={EXAMPLES}")
+
+
+def _fuzz(prog: Program, example_seed: int, run_seed: int) -> None:
+    note(f"replay the run: FXFUSE_FUZZ_SEED={run_seed} FXFUSE_FUZZ_EXAMPLES={EXAMPLES}")
     note("program:\n" + prog.source())
+    if re.search(r"\(y\d+[,)]|y\d+ @", "\n".join(prog.body)):
+        event("a linear reads a linear's output")
     check(prog, grad=False, example_seed=example_seed)
     if prog.grad_ok and prog.grad_matters:
         check(prog, grad=True, example_seed=example_seed)
+
+
+@seed(SEED)
+@_SETTINGS
+@given(prog=programs(), example_seed=st.integers(0, 2**16))
+def test_fuzz_backend_matches_eager(prog, example_seed):
+    """A fresh seed each run (or FXFUSE_FUZZ_SEED): new programs every time."""
+    _fuzz(prog, example_seed, SEED)
+
+
+@seed(FIXED_SEED)
+@_SETTINGS
+@given(prog=programs(), example_seed=st.integers(0, 2**16))
+def test_fuzz_fixed_seed(prog, example_seed):
+    """The same programs every run: a change that breaks one fails every time."""
+    _fuzz(prog, example_seed, FIXED_SEED)
 
 
 # ------------------------------------------------------------ bugs found
