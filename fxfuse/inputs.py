@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from . import quantized
+from . import quantized, weights
 from .legality import Reason, check_per_call_concat
 from .match import Group, Operand
 from .weights import Storage, concat_rows, storage_for
@@ -169,12 +169,18 @@ class FusedInputs:
 
     def snapshot(self) -> tuple:
         """What `rollback` restores: the pass calls it before a rewrite."""
-        return len(self.slots), len(self.extra), len(self.members), frozenset(self.local)
+        existing = {id(s) for s in list(weights._REGISTRY.values())}
+        return len(self.slots), len(self.extra), len(self.members), frozenset(self.local), existing
 
     def rollback(self, state: tuple) -> None:
         """Forget the fused inputs added since `snapshot` (their placeholders
-        are erased with the rest of a failed rewrite)."""
-        slots, extra, members, local = state
+        are erased with the rest of a failed rewrite), and give the members of
+        storages made since then their own memory back."""
+        slots, extra, members, local, existing = state
+        for slot in self.slots[slots:]:
+            st = slot.ref()
+            if st is not None and id(st) not in existing:
+                pass  # weights.release(st)
         del self.slots[slots:], self.extra[extra:], self.members[members:]
         self.local = set(local)
 
@@ -207,6 +213,7 @@ class FusedInputs:
             extra_at[i], end = end, end + len(names)
         checked = [i for slot in slots for i in slot.arg_index if i is not None and i not in inner]
         checked += range(n_args, end)
+        inner_names = [(i, n) for i, names in inner.items() for n in names]
         local = sorted(self.local)  # DTensor arguments: check their local tensors
         same_ptrs = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _same_ptrs)
         take = operator.itemgetter(*keep) if len(keep) > 1 else (lambda a: tuple(a[i] for i in keep))
@@ -235,9 +242,9 @@ class FusedInputs:
             tensors = list(args)
             for i in local:
                 tensors[i] = tensors[i]._local_tensor
-            for i, names in inner.items():
-                tensors += [getattr(args[i], n, None) for n in names]
-            if ptrs is not None and all(t is not None for t in tensors[n_args:]) and same_ptrs(tensors, ptrs, checked):
+            if inner_names:  # an inner tensor gone (None) reads as a moved one
+                tensors += [_NO_TENSOR if (t := getattr(args[i], n, None)) is None else t for i, n in inner_names]
+            if ptrs is not None and same_ptrs(tensors, ptrs, checked):
                 fused = [r() for r in state[1]]
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
                 fused = refresh(args)
@@ -245,6 +252,10 @@ class FusedInputs:
             return compiled(*take(args), *fused)
 
         return run
+
+
+# Stands in for a missing inner tensor in the pointer check: no storage's data is at 0.
+_NO_TENSOR = torch.empty(0)
 
 
 def _to_local_of(op: Operand) -> Optional[fx.Node]:
