@@ -180,7 +180,7 @@ class FusedInputs:
         for slot in self.slots[slots:]:
             st = slot.ref()
             if st is not None and id(st) not in existing:
-                pass  # weights.release(st)
+                weights.release(st)
         del self.slots[slots:], self.extra[extra:], self.members[members:]
         self.local = set(local)
 

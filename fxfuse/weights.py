@@ -38,7 +38,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .dtensor import is_dtensor, local_value, repoint
 
-__all__ = ["Storage", "concat_rows", "storage_for", "unfuse"]
+__all__ = ["Storage", "concat_rows", "release", "storage_for", "unfuse"]
 
 # member tensor -> Storage holding it. The Storage (and so the fused tensor) is
 # alive while a member is; compiled graphs hold only weak references to it, so
@@ -178,11 +178,24 @@ def unfuse(module: torch.nn.Module) -> int:
     # A quantized weight's inner tensors are what its storage holds (quantized.py).
     tensors += [getattr(t, k) for t in tensors if _quantized(t) for k in t.__tensor_flatten__()[0]]
     for t in tensors:
-        if _REGISTRY.get(t) is not None:
-            if not is_dtensor(t):
-                t.data = t.data.clone()
-            elif not repoint(t, local_value(t).clone()):
-                continue  # autograd hooks on it: left where it is (see dtensor.repoint)
-            del _REGISTRY[t]
+        if _REGISTRY.get(t) is not None and _move_out(t):
             moved += 1
     return moved
+
+
+@torch.no_grad()
+def release(storage: Storage) -> int:
+    """Give the members of `storage` their own memory again: the rewrite
+    that made it failed and was undone (see inputs.FusedInputs.rollback)."""
+    members = [r() for r in storage._members if r is not None]
+    return sum(_move_out(t) for t in members if t is not None and _REGISTRY.get(t) is storage)
+
+
+def _move_out(t: Tensor) -> bool:
+    """Copy `t` out of its storage into memory of its own."""
+    if not is_dtensor(t):
+        t.data = t.data.clone()
+    elif not repoint(t, local_value(t).clone()):
+        return False  # autograd hooks on it: left where it is (see dtensor.repoint)
+    del _REGISTRY[t]
+    return True

@@ -123,3 +123,18 @@ def test_strict_reraises_after_undoing(monkeypatch):
     with pytest.raises(Injected):
         fxfuse.fuse_linears(gm, FuseConfig(strict=True))
     assert gm.code == code
+
+
+@pytest.mark.parametrize("step", ["reroute", "erase"])
+def test_fault_gives_weights_their_own_memory_back(step, monkeypatch):
+    """A storage made by the failed rewrite is released: each member owns its
+    memory again, as before the compile (no fused tensor left behind)."""
+    from fxfuse.weights import _REGISTRY
+
+    model = _model(ThreeDeep)
+    raise_at(monkeypatch, step, 1)
+    with torch.no_grad():
+        torch.compile(model, backend=fxfuse.backend(inner="eager"))(X)
+    params = list(model.parameters())
+    assert not any(_REGISTRY.get(p) is not None for p in params)
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
