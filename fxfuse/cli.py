@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+import traceback
 from typing import Callable, Optional
 
 import torch
@@ -18,19 +20,30 @@ from tabulate import tabulate
 __all__ = ["main"]
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+def _time_round_robin(fns: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, float]:
+    """Median ms per call of each function, timed in turns (a, b, a, b, ...):
+    whatever else the machine does in the meantime falls on all of them alike,
+    where timing one after the other would charge it to whichever ran then."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _warm_up_inductor(device: torch.device) -> None:
+    """Compile something small first: the first Inductor compile in a process
+    also pays for imports and compiler start-up, which belong to neither variant."""
+    x = torch.randn(4, 4, device=device)
+    torch.compile(lambda t: (t @ t).relu())(x)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -51,23 +64,28 @@ def demo(args: argparse.Namespace) -> int:
 
     fx_backend = backend(inner="inductor")
     variants = {"inductor": torch.compile(model), "fxfuse + inductor": torch.compile(model, backend=fx_backend)}
-    rows = []
+    compile_s = {}
     with torch.no_grad():
         ref = model(token, pos)
         tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            out = fn(token, pos)
-            compile_s = time.perf_counter() - t0
-            torch.testing.assert_close(out, ref, **tol)  # raises if the outputs differ
-            for _ in range(3):
-                fn(token, pos)  # warm up
-            rows.append([name, compile_s, _median_ms(lambda: fn(token, pos), device, args.reps)])
+        _warm_up_inductor(device)
+        # No cache may serve one variant what the other compiled.
+        with torch._inductor.config.patch(force_disable_caches=True):
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                out = fn(token, pos)
+                compile_s[name] = time.perf_counter() - t0
+                torch.testing.assert_close(out, ref, **tol)  # raises if the outputs differ
+        steps = {name: (lambda fn=fn: fn(token, pos)) for name, fn in variants.items()}
+        _time_round_robin(steps, device, reps=5)  # warm both up before timing
+        ms = _time_round_robin(steps, device, args.reps)
     print(fx_backend.report, "\n")
-    base = rows[0][2]
-    print(tabulate([[n, f"{c:.1f}", f"{ms:.3f}", f"{base / ms:.2f}x"] for n, c, ms in rows],
+    base = ms["inductor"]
+    print(tabulate([[n, f"{compile_s[n]:.1f}", f"{ms[n]:.3f}", f"{base / ms[n]:.2f}x"] for n in variants],
                    headers=["variant", "compile s", "ms / step (median)", "speed vs inductor"]))
-    print("\noutputs match eager for both variants")
+    print("\ncompile s: the first call, after a warm-up compile, with Inductor's caches off")
+    print(f"ms / step: the median of {args.reps} steps per variant, the variants taking turns")
+    print("outputs match eager for both variants")
     return 0
 
 
@@ -78,7 +96,6 @@ class CliError(Exception):
 def _load_factory(target: str) -> Callable[[], object]:
     import importlib
     import importlib.util
-    import os
 
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
@@ -117,11 +134,43 @@ def _example_inputs(args: argparse.Namespace) -> tuple:
     return tuple(inputs)
 
 
+def _call_args(inputs: object) -> tuple[tuple, dict]:
+    """Positional and keyword inputs from what a factory returned: a tuple or
+    list (positional), a dict (keywords, as Hugging Face models take them),
+    or a single tensor."""
+    if isinstance(inputs, dict):
+        return (), inputs
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    raise CliError(f"example inputs must be a tuple, a list, a dict or a tensor, got {type(inputs).__name__}")
+
+
+def _why_tracing_failed(e: Exception, model: Callable, args: tuple, kwargs: dict) -> str:
+    """One line that keeps the cause: Dynamo's first line alone ("RuntimeError
+    when making fake tensor call") says nothing of what went wrong."""
+    try:
+        model(*args, **kwargs)
+    except Exception as eager:  # noqa: BLE001 - the user's model: report its error
+        frames = traceback.extract_tb(eager.__traceback__)
+        torch_dir = os.path.dirname(torch.__file__)
+        frame = ([f for f in frames if not f.filename.startswith(torch_dir)] or frames)[-1]  # the user's line
+        where = f" ({os.path.basename(frame.filename)}:{frame.lineno})"
+        return f"the model fails without compiling too: {type(eager).__name__}: {_first_line(eager)}{where}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    cause = next((line for line in lines if line.startswith("Explanation:")), "")
+    return f"tracing the model failed: {type(e).__name__}: {' '.join(lines[:1] + [cause])}"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def inspect(args: argparse.Namespace) -> int:
     import difflib
 
-    from . import FuseReport, fuse_linears
-    from .inputs import copy_graph_module
+    from .backend import Backend
     from .trace import graph_text
 
     factory = _load_factory(args.target)
@@ -129,39 +178,47 @@ def inspect(args: argparse.Namespace) -> int:
         built = factory()
     except Exception as e:  # noqa: BLE001 - the user's factory failed: say so in one line
         raise CliError(f"{args.target}() raised {type(e).__name__}: {e}") from None
-    model, inputs = built if isinstance(built, tuple) else (built, None)
+    model, *given = built if isinstance(built, tuple) else (built,)
     if not callable(model):
         raise CliError(f"{args.target} returned {type(model).__name__}, not a model")
-    if inputs is None:
+    if len(given) > 2:
+        raise CliError(f"{args.target} returned {len(given) + 1} values: expected model, (model, inputs) "
+                       "or (model, args, kwargs)")
+    if not given:
         if not args.input_shape:
             raise CliError("the factory returned only a model: give --input-shape (and --dtype for token ids)")
-        inputs = _example_inputs(args)
+        given = [_example_inputs(args)]
+    call_args, call_kwargs = _call_args(given[0]) if len(given) == 1 else (tuple(given[0]), dict(given[1]))
     if isinstance(model, torch.nn.Module):
         model.eval()
-    graphs: list = []
+    befores: list[str] = []
+    afters: list = []
+
+    def after_fusion(gm, example_inputs):
+        afters.append(gm)
+        return gm.forward  # nothing compiled: the fused graph runs as Python
+
+    # The backend itself, under no_grad as an inference call runs: the report
+    # shows what compiling would fuse, with the weights mode it would use.
+    be = Backend(inner=after_fusion)
 
     def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+        befores.append(graph_text(gm) if args.diff else "")
+        return be(gm, example_inputs)
 
     torch._dynamo.reset()
     try:
         with torch.no_grad():
-            torch.compile(model, backend=record)(*inputs)
+            torch.compile(model, backend=record)(*call_args, **call_kwargs)
     except Exception as e:  # noqa: BLE001
-        raise CliError(f"tracing the model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    total = FuseReport()
-    diffs = []
-    for i, gm in enumerate(graphs):
-        work = copy_graph_module(gm)
-        total.merge(fuse_linears(work))
-        if args.diff:
-            diffs.append("\n".join(difflib.unified_diff(
-                graph_text(gm).splitlines(), graph_text(work).splitlines(),
+        with torch.no_grad():
+            raise CliError(_why_tracing_failed(e, model, call_args, call_kwargs)) from None
+    print(be.report)
+    if args.diff:
+        for i, (before, after) in enumerate(zip(befores, afters)):
+            print("\n" + "\n".join(difflib.unified_diff(
+                before.splitlines(), graph_text(after).splitlines(),
                 f"graph {i} before fxfuse", f"graph {i} after fxfuse", lineterm="")))
-    print(total)
-    for d in diffs:
-        print("\n" + d)
     return 0
 
 
@@ -176,15 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--dim", type=int, default=512, help="model width (default 512)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--reps", type=int, default=50, help="timed steps per variant (default 50)")
+    p.add_argument("--reps", type=int, default=50, help="timed steps per variant, taken in turns (default 50)")
     p.set_defaults(func=demo)
     p = sub.add_parser("inspect", help="show what fxfuse would fuse in your model",
-                       description="Import a model factory, trace the model with example inputs "
-                       "(Dynamo only: nothing is compiled), run the fusion pass on the captured "
-                       "graphs and print the report: every fused group with its members and widths, "
-                       "linear calls before -> after, and every group left alone with its reason.")
+                       description="Import a model factory, trace the model with example inputs under "
+                       "torch.no_grad(), run the fxfuse backend on the captured graphs as compiling "
+                       "would (no compiler after it: the fused graphs run as Python) and print the "
+                       "report: every fused group with its members, widths and weights mode, linear "
+                       "calls before -> after, and every group left alone with its reason.")
     p.add_argument("target", help="MODULE:FACTORY or path/to/file.py:FACTORY; the factory takes no "
-                   "arguments and returns a model, or (model, example_inputs)")
+                   "arguments and returns a model, (model, inputs) where inputs is a tuple, a dict of "
+                   "keyword inputs or a tensor, or (model, args, kwargs)")
     p.add_argument("--input-shape", action="append", default=[], metavar="D0,D1,...",
                    help="shape of one example input (repeat for several); needed when the factory "
                    "returns only a model")

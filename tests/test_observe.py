@@ -140,6 +140,38 @@ def siblings():
     return QKV()
 
 
+def float_tokens():
+    import torch
+    from fxfuse.models import LlamaConfig, Transformer
+
+    return Transformer(LlamaConfig(n_layer=1)), (torch.randn(1, 8),)
+
+
+def keyword_inputs():
+    import torch
+    from fxfuse.models import LlamaConfig, Transformer
+
+    return Transformer(LlamaConfig(n_layer=1)), {"tokens": torch.zeros(1, 8, dtype=torch.long)}
+
+
+def test_inspect_keeps_the_cause_of_a_tracing_error():
+    res = run(["-m", "fxfuse", "inspect", "tests.test_observe:float_tokens"])
+    assert res.returncode == 2
+    (line,) = res.stderr.strip().splitlines()
+    assert "Expected tensor for argument #1 'indices' to have one of the following scalar types" in line
+    assert "(models.py:" in line  # where, in the user's code
+
+
+def test_inspect_keyword_inputs_show_the_backends_weights_mode():
+    res = run(["-m", "fxfuse", "inspect", "tests.test_observe:keyword_inputs", "--diff"])
+    assert res.returncode == 0, res.stderr
+    assert "fxfuse: 8 -> 5 linear calls (3 removed in 2 groups" in res.stdout
+    rows = [line for line in res.stdout.splitlines() if "layers.0." in line]
+    assert len(rows) == 2 and all(" storage " in r for r in rows)  # one storage, as the backend keeps it
+    added = [line for line in res.stdout.splitlines() if line.startswith("+ ")]
+    assert any("fxfuse_fused_0" in line for line in added) and not any("torch.cat(" in line for line in added)
+
+
 def test_tlparse_lists_fxfuse_artifacts(tmp_path):
     tlparse = shutil.which("tlparse") or shutil.which("tlparse", path=str(Path(sys.executable).parent))
     if tlparse is None:
@@ -151,3 +183,15 @@ def test_tlparse_lists_fxfuse_artifacts(tmp_path):
     assert res.returncode == 0, res.stderr
     listing = (out / "compile_directory.json").read_text()
     assert "fxfuse_report" in listing and "fxfuse_graph" in listing
+
+
+def test_demo_times_the_variants_in_turns():
+    import torch
+
+    from fxfuse.cli import _time_round_robin
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    ms = _time_round_robin(fns, torch.device("cpu"), reps=3)
+    assert calls == ["a", "b"] * 3 and set(ms) == {"a", "b"}
+
