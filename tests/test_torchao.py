@@ -102,6 +102,20 @@ def test_fuse_torchao_replaced_parameter_and_in_place_edit():
         assert shares_storage(wk.qdata, wq.qdata)
 
 
+def test_fuse_torchao_load_state_dict_assign_and_replaced_inner_tensor():
+    model = quantized_llama("float8_weight_only")
+    fn = torch.compile(model, backend=fxfuse.backend(inner="eager"))
+    other = quantized_llama("float8_weight_only", seed=1)
+    with torch.no_grad():
+        fn(TOKENS)
+        model.load_state_dict(other.state_dict(), assign=True)  # new tensor objects
+        torch.testing.assert_close(fn(TOKENS), other(TOKENS))
+        w3 = model.layers[1].feed_forward.w3.weight
+        w3.scale = w3.scale * 2  # a new inner tensor, set on the same weight
+        torch.testing.assert_close(fn(TOKENS), model(TOKENS))
+        assert shares_storage(w3.scale, model.layers[1].feed_forward.w1.weight.scale)
+
+
 def test_fuse_torchao_unfuse_gives_each_member_its_storage():
     model = quantized_llama("int8_weight_only")
     fn = torch.compile(model, backend=fxfuse.backend(inner="eager"))
