@@ -98,6 +98,10 @@ def parse_args(argv=None):
     p.add_argument("--inductor-options", type=json.loads, default=None, metavar="JSON",
                    help='Inductor options on top of the mode\'s, for every variant, e.g. '
                    '\'{"coordinate_descent_tuning": false}\'')
+    p.add_argument("--guard-filter", metavar="NAME",
+                   help="a torch.compiler guard filter for every variant, e.g. "
+                   "skip_guard_on_all_nn_modules_unsafe: Dynamo checks its guards on every parameter "
+                   "per call, on host time (more for torchao's tensor subclasses)")
     p.add_argument("--tol", type=float, default=5e-2,
                    help="largest |out-ref|/|ref| of logits that counts as agreeing with eager")
     p.add_argument("--tiny", action="store_true", help="tiny config; CPU allowed")
@@ -259,13 +263,36 @@ def compare(out, ref, tol):
             "agrees": bool(torch.isfinite(out).all() and err <= tol)}
 
 
-def make_compiled(v, mode, extra=None):
+def own_code(model, name):
+    """`model` called through a forward of its own code object. Dynamo keeps
+    compiled code per code object: with the guards on modules filtered out,
+    variants entered through one Transformer.forward would run each other's
+    graphs."""
+    ns: dict = {}
+    exec("def forward(self, *args):\n    return self.model(*args)\n", {}, ns)  # a new code object
+    run = type(f"Run_{name}", (torch.nn.Module,), {"forward": ns["forward"]})()
+    run.model = model
+    return run
+
+
+def make_compiled(v, mode, extra=None, guard_filter=None):
     """`extra`: Inductor options on top of the mode's (then every variant
-    passes the mode as options, since torch.compile takes one or the other)."""
+    passes the mode as options, since torch.compile takes one or the other).
+    `guard_filter`: the name of a torch.compiler guard filter, for every variant."""
     name, model = v.name, v.model
     mode_opts = torch._inductor.list_mode_options(mode) if mode else {}
     opts = {**mode_opts, **extra} if extra else None
     inner = {"inner_options": opts} if opts else {"mode": mode}  # for fxfuse.backend()
+    if guard_filter:  # torch.compile takes the filter among its options, then no mode
+        gf = {"guard_filter_fn": getattr(torch.compiler, guard_filter)}
+        run = own_code(model, name)
+        if name in ("fxfuse", "fxfuse_cat"):
+            import fxfuse
+            v.res["fxfuse_via"] = "fxfuse.backend()"
+            weights = {"weights": "cat"} if name == "fxfuse_cat" else {}
+            return torch.compile(run, backend=fxfuse.backend(**inner, **weights), options=gf, dynamic=False)
+        frozen = {"freezing": True} if name == "freezing" else {}
+        return torch.compile(run, options={**(opts or mode_opts), **frozen, **gf}, dynamic=False)
     if name == "fxfuse" and not opts:  # the string form takes no options for the inner compiler
         try:
             v.res["fxfuse_via"] = 'backend="fxfuse" (entry point)'
@@ -334,7 +361,7 @@ def markdown(vs, meta):
     f = lambda x, s="{:.2f}": "-" if x is None else s.format(x)  # noqa: E731
     bw = meta.get("copy_bw_gb_s")
     lines = [f"card: {meta['card']}  torch: {meta['torch']}  mode: {meta['mode']}"
-             f"  options: {meta.get('inductor_options')}",
+             f"  options: {meta.get('inductor_options')}  guard filter: {meta.get('guard_filter')}",
              f"command: {meta['command']}",
              f"config: {meta['config']}",
              f"decode reads {meta['bytes_per_token'] / 1e9:.2f} GB/token; copy bandwidth "
@@ -407,7 +434,8 @@ def run(args):
     meta = {"card": torch.cuda.get_device_name() if cuda else "cpu",
             "torch": f"{torch.__version__} (CUDA {torch.version.cuda})",
             "mode": mode, "command": " ".join([sys.executable] + sys.argv), "config": repr(cfg),
-            "variants_order": names, "tokens": args.tokens, "inductor_options": args.inductor_options}
+            "variants_order": names, "tokens": args.tokens, "inductor_options": args.inductor_options,
+            "guard_filter": args.guard_filter}
     if cuda:
         meta["copy_bw_gb_s"] = copy_bandwidth(dev) / 1e9
     b.log(f"{meta['card']}, torch {meta['torch']}, {cfg}")
@@ -456,7 +484,7 @@ def run(args):
     for v in vs:
         try:
             b.log(f"compiling {v.name}")
-            b.compile(v, lambda v=v: make_compiled(v, mode, args.inductor_options))
+            b.compile(v, lambda v=v: make_compiled(v, mode, args.inductor_options, args.guard_filter))
             v.res["check"] = compare(b.check_step(v.fn, v.model, seed=1), ref, args.tol)
             if args.prefill:
                 b.mark()
