@@ -66,3 +66,70 @@ def test_sd3_adaln_linears_fuse_on_temb():
              "transformer_blocks.1.norm1.linear", "transformer_blocks.1.norm1_context.linear", "norm_out.linear"]
     group = adaln_group(report, names)
     assert group.widths == (6 * 32,) * 3 + (2 * 32,) * 2
+
+
+# ---------------------------------------------------------------- the examples
+
+def _example(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hf_generate_static_cache_compiled_forward():
+    pytest.importorskip("transformers")
+    ex = _example("hf_generate")
+    model, (prompt,) = ex.build()
+    with torch.no_grad():
+        ref = model.generate(prompt, **ex.GENERATE, disable_compile=True)
+    tokens, report = ex.generate_compiled_forward(model, prompt)
+    assert torch.equal(tokens, ref)
+    # prefill and one decode step: q/k/v and gate/up fused in each layer of both graphs
+    assert report.graphs == 2 and report.removed == 2 * 2 * 3
+
+
+def test_hf_generate_compile_config_skipped_on_cpu():
+    # transformers compiles generate()'s decode steps on accelerators only: on the
+    # CPU the backend is never called, and the tokens are eager's.
+    pytest.importorskip("transformers")
+    ex = _example("hf_generate")
+    model, (prompt,) = ex.build()
+    with torch.no_grad():
+        ref = model.generate(prompt, **ex.GENERATE, disable_compile=True)
+    tokens, report = ex.generate_compile_config(model, prompt)
+    assert torch.equal(tokens, ref) and report.graphs == 0
+
+
+def test_diffusers_unet_against_fuse_qkv_projections():
+    ex = _example("diffusers_unet")
+    unet, inputs = ex.build()
+    report, after = ex.compare(unet, inputs)  # both checked against eager inside
+    assert report.before == 50
+    # diffusers fuses self-attention q/k/v and cross-attention k/v per block (12 calls
+    # removed); fxfuse also joins the cross-attention k/v of every block on the text
+    # embeddings, and the resnets' time projections on their duplicated silu(temb).
+    assert after == 38 and report.after == 28
+    temb = [g for g in report.groups if all(m.endswith("time_emb_proj") for m in g.members)]
+    assert len(temb) == 1 and len(temb[0].members) == 8
+
+
+def test_peft_lora_unmerged_adapters_join_qkv():
+    pytest.importorskip("peft")
+    ex = _example("peft_lora")
+    model, (tokens,) = ex.build(r=4)
+    be = fxfuse.backend(inner="eager")
+    with torch.no_grad():
+        ref = model(tokens).logits
+        out = torch.compile(model, backend=be)(tokens).logits
+    torch.testing.assert_close(out, ref)
+    attn = [g for g in be.report.groups if any("lora_A" in m for m in g.members)]
+    assert len(attn) == 2  # one per layer
+    for g in attn:
+        assert sorted(m.rsplit("self_attn.", 1)[1] for m in g.members) == [
+            "k_proj", "q_proj.base_layer", "q_proj.lora_A.default", "v_proj.base_layer", "v_proj.lora_A.default"]
+        assert sorted(g.widths) == [4, 4, 32, 32, 64]
