@@ -158,6 +158,8 @@ class FusedInputs:
         if isinstance(member_val, FakeTensor):
             node.meta["example_value"] = member_val.fake_mode.from_tensor(st.fused, static_shapes=True)
         ctx = TracingContext.try_get()
+        if ctx is not None and isinstance(st, quantized.SubclassStorage):
+            ctx.tensor_to_context[st.fused] = quantized.static_context(st.fused, node._dynamo_source)  # type: ignore[attr-defined]
         if ctx is not None and ctx.fake_mode is not None:
             # Fakify now, with static shapes: Inductor's later fakification
             # of this input finds this one instead of inventing symbols.

@@ -46,7 +46,7 @@ from .weights import Storage, concat_rows, storage_for
 
 __all__ = [
     "JOINS_KEY", "ROW_TENSORS", "SubclassStorage", "inner_tensors", "is_quantized_subclass", "join_rows", "mismatch",
-    "not_per_row", "subclass_storage_for",
+    "not_per_row", "static_context", "subclass_storage_for",
 ]
 
 # Set in a graph's meta by a weight source that stores joined rows (the
@@ -154,6 +154,22 @@ class SubclassStorage:
         for k, st in self.parts.items():
             st.current([getattr(m, k) for m in members])
         return self.fused
+
+
+def static_context(t: Tensor, source: object) -> object:
+    """A symbolic context giving `t` and each of its inner tensors static
+    shapes. AOTAutograd fakifies a subclass input afresh, inner tensors with
+    symbolic sizes unless the tracing context has a context for it; a fused
+    weight's shape is known, and symbols there would make Inductor emit
+    kernels for any size (and its cache key could not be pickled)."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext, SubclassSymbolicContext
+
+    def static(n: int) -> dict:
+        return {"dynamic_sizes": [DimDynamic.STATIC] * n, "constraint_sizes": [None] * n}
+
+    inner = {k: StatelessSymbolicContext(**static(getattr(t, k).dim())) for k in _flatten(t)[0]}
+    return SubclassSymbolicContext(**static(t.dim()), tensor_source=source, inner_contexts=inner,
+                                   shape_env_to_source_to_symbol_cache={})
 
 
 def subclass_storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> Optional[SubclassStorage]:

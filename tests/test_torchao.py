@@ -270,3 +270,26 @@ def test_fuse_torchao_int8_weight_only_in_inductor_hooks_with_freezing():
     assert p.report.removed == 2
     for a, b in zip(out, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_fuse_torchao_fused_weight_has_static_shapes_after_aot():
+    # AOTAutograd fakifies the fused weight's inner tensors afresh: they must
+    # keep their known sizes, not get symbols (Inductor would emit kernels for
+    # any size, and its cache key would not pickle).
+    from torch._dynamo.backends.common import aot_autograd
+
+    shapes = []
+
+    def record(gm, example_inputs):
+        shapes.extend(tuple(n.meta["val"].shape) for n in gm.graph.find_nodes(op="placeholder"))
+        return gm.forward
+
+    model = QKV().to(DTYPE).eval()
+    quantization.quantize_(model, CONFIGS["float8_weight_only"]())
+    be = fxfuse.backend(inner=aot_autograd(fw_compiler=record))
+    with torch.no_grad():
+        for a, b in zip(torch.compile(model, backend=be)(X), model(X)):
+            torch.testing.assert_close(a, b)
+    assert be.report.removed == 2
+    assert (128, 64) in shapes and (128, 1) in shapes  # the fused qdata and scale
+    assert all(isinstance(d, int) for s in shapes for d in s), shapes
