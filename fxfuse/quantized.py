@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .weights import Storage, concat_rows, storage_for
 
 __all__ = [
-    "JOINS_KEY", "ROW_TENSORS", "SubclassStorage", "inner_tensors", "is_quantized_subclass", "join_rows", "mismatch",
+    "JOINS_KEY", "ROW_TENSORS", "SubclassStorage", "is_quantized_subclass", "join_rows", "mismatch",
     "not_per_row", "static_context", "subclass_storage_for",
 ]
 
@@ -205,8 +205,3 @@ def join_rows(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> Ten
     assert ref is not None
     names, _ = _flatten(ref)
     return _build(ref, {k: concat_rows([getattr(m, k) for m in members], widths) for k in names})
-
-
-def inner_tensors(t: Tensor) -> list[Tensor]:
-    """The plain tensors inside a quantized weight (to free or check them)."""
-    return [getattr(t, k) for k in _flatten(t)[0]]
