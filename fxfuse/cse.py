@@ -9,12 +9,13 @@ Diffusion transformers compute every AdaLN modulation from its own copy of
     s2 = silu(temb)                       e2 = linear(s1, w2)   # fused as usual
     e2 = linear(s2, w2)
 
-`share_producers` numbers the values of the graph (global value numbering):
-two nodes get one number when they call the same pure function or method
-(same target, same constant arguments) on values with equal numbers. A linear
-whose input has the number of an earlier node reads that earlier node (the
-first of its class in graph order) in the plan; the duplicated producers it
-leaves without users go with the replaced calls.
+`share_producers` numbers the values linear inputs are computed from (value
+numbering, on demand, through the ops it knows): two nodes get one number
+when they call the same function or method (same target, same constant
+arguments) on values with equal numbers. A linear whose input has the number
+of an earlier node reads that earlier node (the first of its number in graph
+order) in the plan, where the ops are pure; the repeated producers it leaves
+without users go with the replaced calls.
 
 Design: the graph is not touched here. Only the plan's `Linear` records read
 the first producer, so when nothing is fused the graph stays exactly as it
@@ -70,27 +71,61 @@ _PURE_MODULES = (torch.nn.SiLU, torch.nn.GELU, torch.nn.ReLU, torch.nn.Mish, tor
                  torch.nn.Identity)
 
 
+# Random ops: spelled alike, never equal. Numbered (so two dropouts of one
+# input are seen as a repeat, and the refusal is counted), never shared.
+_RANDOM_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
+    torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoulli, torch.multinomial, torch.normal,
+    torch.rand, torch.randn, torch.randint, torch.randperm,
+}
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "multinomial"}
+_RANDOM_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                   torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+_SEEDED = {torch.Tag.nondeterministic_seeded, torch.Tag.nondeterministic_bitwise}
+
+
+def _in(target: object, functions: set) -> bool:
+    try:
+        return target in functions
+    except TypeError:  # unhashable target
+        return False
+
+
+def _is_random(gm: fx.GraphModule, node: fx.Node) -> bool:
+    t = node.target
+    if node.op == "call_function":
+        return bool(_SEEDED & set(t.tags)) if isinstance(t, torch._ops.OpOverload) else _in(t, _RANDOM_FUNCTIONS)
+    if node.op == "call_method":
+        return t in _RANDOM_METHODS
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(t)), _RANDOM_MODULES)
+
+
+def _is_spelled(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Is `node` an op this pass compares at all (pure-listed or random)?
+    Numbering stops at any other node: a linear, attention, a user function."""
+    t = node.target
+    if node.op == "call_function":
+        if isinstance(t, torch._ops.OpOverload):
+            return torch.Tag.pointwise in t.tags or bool(_SEEDED & set(t.tags)) or t.is_view
+        return _in(t, _PURE_FUNCTIONS) or _in(t, _RANDOM_FUNCTIONS)
+    if node.op == "call_method":
+        return t in _PURE_METHODS or t in _RANDOM_METHODS
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(t))
+        return isinstance(mod, _RANDOM_MODULES) or type(mod) in _PURE_MODULES
+    return False
+
+
 def _is_pure(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A pure, deterministic op that writes nothing: equal inputs give equal outputs."""
-    if node.is_impure() or mutated_args(gm, node) or changes_state(node):
+    if _is_random(gm, node) or node.is_impure() or mutated_args(gm, node) or changes_state(node):
         return False
     if isinstance(node.kwargs.get("out"), fx.Node):
         return False
-    if node.op == "call_function":
-        t = node.target
-        if isinstance(t, torch._ops.OpOverload):
-            return not t._schema.is_mutable and not (
-                {torch.Tag.nondeterministic_seeded, torch.Tag.nondeterministic_bitwise} & set(t.tags))
-        try:
-            return t in _PURE_FUNCTIONS
-        except TypeError:  # unhashable target
-            return False
-    if node.op == "call_method":
-        return node.target in _PURE_METHODS
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        return type(mod) in _PURE_MODULES and not getattr(mod, "inplace", False)
-    return False
+        return not getattr(gm.get_submodule(str(node.target)), "inplace", False)
+    t = node.target
+    return not (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable)
 
 
 _CASTS = {"to", "type_as", "float", "half", "bfloat16", "contiguous"}
@@ -127,84 +162,135 @@ def _constant_key(a: object, vn: dict[fx.Node, int]) -> Optional[object]:
     return (type(a).__name__, a)
 
 
-def value_numbers(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
-    """Two numberings of the nodes. In the first, nodes share a number when
-    they surely compute the same value. In the second, when they are spelled
-    alike (same op, target and arguments by this numbering), whether or not
-    the op may be shared: alike in the second but not the first is a refusal."""
-    nodes = list(gm.graph.nodes)
-    written, storages = written_nodes(gm, nodes)
-    vn: dict[fx.Node, int] = {}
-    sn: dict[fx.Node, int] = {}
-    classes: dict[object, int] = {}
-    spellings: dict[object, int] = {}
-    clean: set[fx.Node] = set()  # neither it nor anything it is computed from is written in place
-    region = 0  # autocast / grad-mode changes seen so far
-    for i, node in enumerate(nodes):
-        if changes_state(node):
-            region += 1
-        unwritten = node not in written and _storage(gm, node) not in storages
-        if unwritten and all(a in clean for a in node.all_input_nodes):
-            clean.add(node)
-        vn[node] = sn[node] = i + 1  # a number of its own, unless a class below
-        if node.op not in ("call_function", "call_method", "call_module"):
-            continue
-        if node in clean and _is_noop_cast(gm, node):  # x.to(x.dtype) is x
-            vn[node], sn[node] = vn[node.args[0]], sn[node.args[0]]  # type: ignore[index]
-            continue
-        target = node.target
-        if node.op == "call_module":  # another instance of the same module and settings
-            mod = gm.get_submodule(str(node.target))
-            target = (type(mod), mod.extra_repr())
-        for numbers, known, shareable in ((sn, spellings, True), (vn, classes, node in clean and _is_pure(gm, node))):
-            args = _constant_key(tuple(node.args), numbers)
-            kwargs = _constant_key(dict(node.kwargs), numbers)
-            if shareable and args is not None and kwargs is not None:
-                numbers[node] = known.setdefault((node.op, target, args, kwargs, region), -(len(known) + 1))
-    return vn, sn
+class _Numbering:
+    """Value numbers, computed on demand for the nodes linear inputs are
+    computed from, through spelled ops only (`_is_spelled`): two nodes get
+    one number when they have the same op, target and constant arguments,
+    and tensor arguments of equal numbers; a cast that returns its input
+    unchanged has its input's number; any other node has a number of its
+    own. Equal numbers mean equal values only where `_shareable` says so."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.num: dict[fx.Node, int] = {}
+        self.classes: dict[object, int] = {}
+
+    def __call__(self, node: fx.Node) -> int:
+        num, stack = self.num, [node]
+        while stack:  # post-order without recursion: chains can be long
+            n = stack[-1]
+            if n in num:
+                stack.pop()
+                continue
+            if not _is_spelled(self.gm, n):
+                num[n] = len(num) + 1
+                stack.pop()
+                continue
+            pending = [a for a in n.all_input_nodes if a not in num]
+            if pending:
+                stack += pending
+                continue
+            stack.pop()
+            if _is_noop_cast(self.gm, n):  # x.to(x.dtype) is x
+                num[n] = num[n.args[0]]  # type: ignore[index]
+                continue
+            args, kwargs = _constant_key(tuple(n.args), num), _constant_key(dict(n.kwargs), num)
+            if args is None or kwargs is None:
+                num[n] = len(num) + 1
+                continue
+            target = n.target
+            if n.op == "call_module":  # another instance of the same module and settings
+                mod = self.gm.get_submodule(str(n.target))
+                target = (type(mod), mod.extra_repr())
+            num[n] = self.classes.setdefault((n.op, target, args, kwargs), -(len(self.classes) + 1))
+        return num[node]
+
+    def cone(self, node: fx.Node) -> tuple[set[fx.Node], set[fx.Node]]:
+        """(the spelled nodes `node`'s number was computed from, the other
+        nodes those read)."""
+        inner: set[fx.Node] = set()
+        leaves: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in inner or n in leaves:
+                continue
+            if _is_spelled(self.gm, n):
+                inner.add(n)
+                stack += n.all_input_nodes
+            else:
+                leaves.add(n)
+        return inner, leaves
+
+
+def _shareable(gm: fx.GraphModule, numbering: _Numbering, inputs: list[fx.Node], nodes: list[fx.Node],
+               position: dict[fx.Node, int], written: tuple[set[fx.Node], set[int]]) -> bool:
+    """May these inputs, numbered alike, be read as one? Every op they are
+    computed from is pure and deterministic; nothing in the graph writes to
+    any of those nodes or to what they read; no autocast / grad-mode change
+    lies between the first of them and the last."""
+    inner: set[fx.Node] = set()
+    leaves: set[fx.Node] = set()
+    for x in inputs:
+        i, rest = numbering.cone(x)
+        inner |= i
+        leaves |= rest
+    if not all(_is_pure(gm, n) for n in inner):
+        return False
+    nodes_written, storages = written
+    for n in inner | leaves:
+        if n in nodes_written or ((key := _storage(gm, n)) is not None and key in storages):
+            return False
+    span = [position[n] for n in inner]
+    return not any(changes_state(n) for n in nodes[min(span): max(span) + 1])
 
 
 def share_producers(gm: fx.GraphModule, linears: list[Linear]) -> tuple[list[Linear], Counter]:
-    """`linears`, where each one whose input duplicates an earlier node's
-    value reads that node instead (see the module docstring), and the calls
-    left alone because their inputs repeat an op that may not be shared
-    (impure, or reading something written in place), by reason. The graph
-    is not changed."""
+    """`linears`, where each one whose input repeats an earlier node's value
+    reads that node instead (see the module docstring), and the calls left
+    alone because their inputs repeat an op that may not be shared (random,
+    impure, or reading something written in place), by reason. The graph is
+    not changed."""
     unshared: Counter = Counter()
     if not _has_candidates(gm, linears):
         return linears, unshared
-    vn, sn = value_numbers(gm)
-    by_number: dict[int, list[Linear]] = {}
+    numbering = _Numbering(gm)
+    inputs: dict[int, list[fx.Node]] = {}
     for lin in linears:
-        by_number.setdefault(vn[lin.input], []).append(lin)
-    # Calls whose inputs are spelled alike but were not shared: say why they stay apart.
-    spelled: dict[int, set[int]] = {}
+        same = inputs.setdefault(numbering(lin.input), [])
+        if lin.input not in same:
+            same.append(lin.input)
+    repeated = {k: v for k, v in inputs.items() if len(v) > 1}
+    if not repeated:
+        return linears, unshared
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    written = written_nodes(gm, nodes)
+    first_of: dict[int, fx.Node] = {}  # number -> the first node of that number
+    for n in sorted(numbering.num, key=position.__getitem__):
+        first_of.setdefault(numbering.num[n], n)
+    shared = {number: first_of[number] for number, xs in repeated.items()
+              if _shareable(gm, numbering, xs, nodes, position, written)}
+    out = []
     for lin in linears:
-        spelled.setdefault(sn[lin.input], set()).add(vn[lin.input])
-    for lin in linears:
-        if len(spelled[sn[lin.input]]) > 1:
+        number = numbering.num[lin.input]
+        if number in repeated and number not in shared:
             unshared[Reason.PRODUCER_NOT_SHAREABLE.value] += 1
             log.debug("fxfuse: not fusing %s: its input %s repeats an op that may not be shared",
                       lin.name, lin.input.name)
-    first: dict[int, fx.Node] = {}
-    for node in gm.graph.nodes:
-        first.setdefault(vn[node], node)
-    out = []
-    for lin in linears:
-        number = vn[lin.input]
-        shared = first[number]
-        if shared is lin.input or len(by_number[number]) < 2:
+        first = shared.get(number)
+        if first is None or first is lin.input:
             out.append(lin)
             continue
-        # The duplicated producers only this call read go with it once fused.
+        # The repeated producers only this call read go with it once fused.
         dups, stack = [], [lin.input]
         while stack:
             n = stack.pop()
-            if first[vn[n]] is not n and n not in dups:
+            if n in numbering.num and first_of[numbering.num[n]] is not n and n not in dups:
                 dups.append(n)
                 stack += n.all_input_nodes
-        log.debug("fxfuse: %s reads %s, which computes the same value as %s", lin.name, lin.input.name, shared.name)
-        out.append(replace(lin, input=shared, dead=(*lin.dead, *dups)))
+        log.debug("fxfuse: %s reads %s, which computes the same value as %s", lin.name, lin.input.name, first.name)
+        out.append(replace(lin, input=first, dead=(*lin.dead, *dups)))
     return out, unshared
 
 
