@@ -123,3 +123,17 @@ def test_different_producer_arguments_are_not_siblings():
     code = gm.code
     report = fxfuse.fuse_linears(gm)
     assert gm.code == code and report.removed == 0 and not report.skipped
+
+
+def grad_mode_between(t, w1, w2):
+    a = F.linear(F.silu(t), w1)
+    with torch.no_grad():
+        s = F.silu(t)
+    return a, F.linear(s, w2)
+
+
+def test_no_fuse_duplicated_producer_across_grad_mode_change():
+    t, w1, w2 = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4, 8)
+    gm, inputs = capture_with_inputs(grad_mode_between, t, w1, w2)
+    assert any("set_grad_enabled" in str(n.target) for n in gm.graph.nodes)
+    assert_left_alone(gm, Reason.PRODUCER_NOT_SHAREABLE, 2, inputs=inputs)
