@@ -187,6 +187,9 @@ def unfuse(module: torch.nn.Module) -> int:
 def release(storage: Storage) -> int:
     """Give the members of `storage` their own memory again: the rewrite
     that made it failed and was undone (see inputs.FusedInputs.rollback)."""
+    parts = getattr(storage, "parts", None)
+    if parts is not None:  # torchao weights: one storage per inner tensor (quantized.py)
+        return sum(release(p) for p in parts.values())
     members = [r() for r in storage._members if r is not None]
     return sum(_move_out(t) for t in members if t is not None and _REGISTRY.get(t) is storage)
 

@@ -293,3 +293,22 @@ def test_fuse_torchao_fused_weight_has_static_shapes_after_aot():
     assert be.report.removed == 2
     assert (128, 64) in shapes and (128, 1) in shapes  # the fused qdata and scale
     assert all(isinstance(d, int) for s in shapes for d in s), shapes
+
+
+def test_fuse_torchao_failed_rewrite_gives_inner_tensors_their_memory_back(monkeypatch):
+    # A rewrite that fails after the storage was made: each inner tensor owns
+    # its memory again, and the graph runs unfused.
+    from fxfuse.weights import _REGISTRY
+    from test_faults import raise_at
+
+    model = QKV().to(DTYPE).eval()
+    quantization.quantize_(model, CONFIGS["int8_weight_only"]())
+    raise_at(monkeypatch, "erase", 1)
+    be = fxfuse.backend(inner="eager")
+    with torch.no_grad():
+        for a, b in zip(torch.compile(model, backend=be)(X), model(X)):
+            torch.testing.assert_close(a, b)
+    assert be.report.removed == 0 and be.report.skipped == {Reason.ERROR.value: 3}
+    inner = [getattr(w, k) for w in (model.q.weight, model.k.weight, model.v.weight) for k in ("qdata", "scale")]
+    assert not any(_REGISTRY.get(t) is not None for t in inner)
+    assert len({t.untyped_storage().data_ptr() for t in inner}) == len(inner)
