@@ -116,14 +116,11 @@ def _rows(v: torch.Tensor) -> Optional[int]:
 
 
 def check(gm: fx.GraphModule, sibs: list[Linear], config: "FuseConfig") -> Optional[Reason]:
-    """May the siblings `sibs` (one input) be fused, by `max_rows` and by the
+    """May the group `sibs` (one input, members that passed every legality
+    check and can share one GEMM) be fused, by `max_rows` and by the
     predicted speedup? Records the decision with its numbers for the report
-    (see `decisions`) and logs it at DEBUG.
-
-    The prediction covers the siblings whose weights could share one GEMM
-    with the first (a plain 2-D weight of its dtype and K); the other checks
-    come after this one and may still split the set or leave members alone.
-    """
+    (see `decisions`) and logs it at DEBUG. Runs per group, after legality:
+    a member that could not join must not sink (or carry) its siblings."""
     x = sibs[0].input
     v = value_of(gm, x)
     weights = [(lin, value_of(gm, lin.weight)) for lin in sibs]
@@ -158,7 +155,7 @@ def check(gm: fx.GraphModule, sibs: list[Linear], config: "FuseConfig") -> Optio
             why = f"predicted {predicted:.2f}x"
     decision = GateDecision(x.name, tuple(lin.name for lin, _ in same), rows, k, tuple(unique),
                             str(dtype).replace("torch.", ""), w0.device.type, predicted, reason is None, why)
-    gm.meta.setdefault(_META_KEY, {})[x.name] = decision
+    gm.meta.setdefault(_META_KEY, {})[(x.name, sibs[0].node.name)] = decision
     log.debug("fxfuse: gate for input %s (%s): %s", x.name, ", ".join(decision.members), decision)
     return reason
 

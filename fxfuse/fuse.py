@@ -111,10 +111,6 @@ def plan(
                   members[0].input.name, reason.value)
 
     for sibs in siblings(linears):
-        reason = check_cost(gm, sibs, config)  # max_rows, then the predicted speedup
-        if reason is not None:
-            refuse(sibs, reason)
-            continue
         ok = []
         for lin in sibs:
             reason = legality.check_member(gm, lin, allow_grad=config.training or not runs_with_grad)
@@ -148,6 +144,11 @@ def plan(
                     other = next((b for b in buckets if b is not bucket), None)
                     why = legality.incompatibility(gm, other[0], calls[0]) if other else None
                     refuse(calls, why or Reason.BELOW_MIN_GROUP_SIZE)
+                    continue
+                # max_rows, then the predicted speedup of this group's own GEMMs.
+                reason = check_cost(gm, calls, config)
+                if reason is not None:
+                    refuse(calls, reason)
                     continue
                 anchor, reason = _place(gm, calls, order, nodes)
                 if reason is None:
