@@ -9,7 +9,9 @@ graph to an inner compiler (Inductor by default).
 The string form is found through the ``torch_dynamo_backends`` entry point
 (see pyproject.toml), which calls `compile_fxfuse`. A failure inside the pass
 never breaks the user's compile: it is logged and the untouched graph is
-compiled, unless ``strict=True``.
+compiled, unless ``strict=True``. A bad option is an error when the backend
+is built; given as ``options={...}``, fxfuse first sees it at the first
+compile, and raises `OptionError` there.
 """
 
 from __future__ import annotations

@@ -78,6 +78,8 @@ def _groups_line(report: FuseReport, width: int = 160) -> str:
         item = compact_members(g.members)
         if len(item) > width // 2:  # members from many modules: name the first, count the rest
             item = f"{g.members[0]} and {len(g.members) - 1} more"
+        if "{" not in item:  # no common prefix to hold the group together
+            item = f"[{item}]"
         if line and len(line) + len(item) > width:
             return line + f"; ... +{len(report.groups) - i} more groups"
         line += ("; " if line else ": ") + elide(item, width)
