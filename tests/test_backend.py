@@ -216,3 +216,16 @@ def test_backend_survives_deepcopy():
     with torch.no_grad():
         torch.compile(model, backend=copy.deepcopy({"backend": be})["backend"])(t)
     assert copy.deepcopy(be) is be and be.report.removed == 6
+
+
+def test_backend_takes_the_mode_torch_compile_passes(caplog):
+    x = torch.randn(2, 4)
+    model = torch.nn.Linear(4, 4)
+    named = fxfuse.backend(inner="eager")
+    torch.testing.assert_close(torch.compile(model, backend=named, mode="max-autotune")(x), model(x))
+    assert "max-autotune" in named._by_mode  # reached the named inner backend
+    torch._dynamo.reset()
+    own = fxfuse.backend(inner=lambda gm, example_inputs: gm.forward)
+    with caplog.at_level(logging.WARNING, logger="fxfuse.backend"):
+        torch.compile(model, backend=own, mode="max-autotune")(x)
+    assert "mode='max-autotune' applies to a named inner backend" in caplog.text
