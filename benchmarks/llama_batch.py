@@ -15,6 +15,7 @@ is fxfuse over unfused within this run.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ import fxfuse  # noqa: E402
 from fxfuse.models import LlamaConfig, Transformer  # noqa: E402
 
 
+@torch.no_grad()  # inference, as in serving: weights that need gradients are left unfused
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8)
@@ -54,8 +56,11 @@ def main(argv=None):
     with torch.device(dev):
         model = Transformer(cfg).to(dtype).eval()
     be = fxfuse.backend(mode=mode)
-    fns = {"unfused": torch.compile(model, mode=mode, dynamic=False),
-           "fxfuse": torch.compile(model, backend=be, dynamic=False)}
+    # One model object per variant: compiled over the same module, Dynamo
+    # (torch 2.11) served the second variant the first one's graph.
+    models = {"unfused": model, "fxfuse": copy.deepcopy(model)}
+    fns = {"unfused": torch.compile(models["unfused"], mode=mode, dynamic=False),
+           "fxfuse": torch.compile(models["fxfuse"], backend=be, dynamic=False)}
 
     def sync():
         if cuda:
@@ -67,10 +72,11 @@ def main(argv=None):
         return fn(*a)
 
     def gate_since(n):
-        return "; ".join(f"{d.why}: {'fused' if d.fused else 'left alone'}" for d in be.report.gate[n:])
+        return "; ".join(dict.fromkeys(f"{d.why}: {'fused' if d.fused else 'left alone'}" for d in be.report.gate[n:]))
 
     rows = []
-    model.setup_cache(1)
+    for m in models.values():
+        m.setup_cache(1)
     g = torch.Generator(device=dev).manual_seed(1)
     for n in args.prefill:
         prompt = torch.randint(0, cfg.vocab, (1, n), device=dev, generator=g)
@@ -91,10 +97,12 @@ def main(argv=None):
         print(f"prefill {n}: " + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in times.items())
               + f"; gate: {rows[-1][3]}", flush=True)
     for batch in args.batch:
-        model.setup_cache(batch)
-        for layer in model.layers:
-            layer.attention.k_cache.normal_(generator=g)
-            layer.attention.v_cache.normal_(generator=g)
+        for m in models.values():
+            m.setup_cache(batch)
+        for la, lb in zip(models["unfused"].layers, models["fxfuse"].layers):
+            for name in ("k_cache", "v_cache"):
+                getattr(la.attention, name).normal_(generator=g)
+                getattr(lb.attention, name).copy_(getattr(la.attention, name))
         tok0 = torch.randint(0, cfg.vocab, (batch, 1), device=dev, generator=g)
         pos = [torch.tensor([args.pos + i], device=dev) for i in range(args.tokens)]
         n0 = len(be.report.gate)
@@ -118,6 +126,7 @@ def main(argv=None):
         rows.append((f"decode batch {batch}", "tok/s", times, gate_since(n0)))
         print(f"decode batch {batch}: " + ", ".join(f"{k} {statistics.median(v):.1f} tok/s" for k, v in times.items())
               + f"; gate: {rows[-1][3]}", flush=True)
+    print(be.report.summary(), dict(be.report.skipped), flush=True)
     print("\n| shape | unfused | fxfuse | fxfuse vs unfused | spread unfused / fxfuse | gate decisions (fxfuse) |")
     print("|---|---|---|---|---|---|")
     for shape, unit, times, gate in rows:
