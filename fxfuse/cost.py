@@ -28,14 +28,13 @@ chosen: docs/design.md says why). The CPU numbers are chosen, not measured.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import fx
 
-from .legality import Reason, check_rows
+from .legality import Reason, check_rows, static_rows
 from .match import Linear, value_of
 
 if TYPE_CHECKING:
@@ -108,13 +107,6 @@ def predicted_speedup(dev: Device, rows: int, k: int, widths: list[int], dtype: 
     return separate / gemm_us(dev, rows, k, sum(fused_widths or widths), *args)
 
 
-def _rows(v: torch.Tensor) -> Optional[int]:
-    dims = list(v.shape[:-1])
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-        return None
-    return math.prod(dims)
-
-
 def check(gm: fx.GraphModule, sibs: list[Linear], config: "FuseConfig") -> Optional[Reason]:
     """May the group `sibs` (one input, members that passed every legality
     check and can share one GEMM) be fused, by `max_rows` and by the
@@ -123,16 +115,15 @@ def check(gm: fx.GraphModule, sibs: list[Linear], config: "FuseConfig") -> Optio
     a member that could not join must not sink (or carry) its siblings."""
     x = sibs[0].input
     v = value_of(gm, x)
-    weights = [(lin, value_of(gm, lin.weight)) for lin in sibs]
-    weights = [(lin, w) for lin, w in weights
-               if isinstance(w, torch.Tensor) and w.dim() == 2 and all(isinstance(s, int) for s in w.shape)]
-    if not isinstance(v, torch.Tensor) or v.dim() == 0 or not weights:
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
         return check_rows(gm, x, config.max_rows)  # nothing to predict from
-    w0 = weights[0][1]
-    same = [(lin, w) for lin, w in weights if w.dtype == w0.dtype and w.shape[1] == w0.shape[1]]
+    # Legality has run: every weight is 2-D and static, of one dtype and K.
+    weights = [value_of(gm, lin.weight) for lin in sibs]
+    w0 = weights[0]
+    widths = [int(w.shape[0]) for w in weights]  # type: ignore[union-attr]
     # Exact repeats (same weight and bias) are computed once when fused.
-    unique = list({(lin.weight, lin.bias): int(w.shape[0]) for lin, w in same}.values())
-    rows, k = _rows(v), int(w0.shape[1])
+    unique = list({(lin.weight, lin.bias): n for lin, n in zip(sibs, widths)}.values())
+    rows, k = static_rows(v), int(w0.shape[1])  # type: ignore[union-attr]
     dtype = sibs[0].cast or w0.dtype
     dev = DEVICES.get(w0.device.type)
     predicted = None
@@ -146,14 +137,13 @@ def check(gm: fx.GraphModule, sibs: list[Linear], config: "FuseConfig") -> Optio
     elif dev is None:
         why = f"no cost model for {w0.device.type}"
     else:
-        widths = [int(w.shape[0]) for _, w in same]
         predicted = predicted_speedup(dev, rows, k, widths, dtype, w0.dtype, fused_widths=unique)
         if predicted < config.min_speedup:
             reason = Reason.PREDICTED_GAIN_TOO_SMALL
             why = f"predicted {predicted:.2f}x < {config.min_speedup:g}"
         else:
             why = f"predicted {predicted:.2f}x"
-    decision = GateDecision(x.name, tuple(lin.name for lin, _ in same), rows, k, tuple(unique),
+    decision = GateDecision(x.name, tuple(lin.name for lin in sibs), rows, k, tuple(unique),
                             str(dtype).replace("torch.", ""), w0.device.type, predicted, reason is None, why)
     gm.meta.setdefault(_META_KEY, {})[(x.name, sibs[0].node.name)] = decision
     log.debug("fxfuse: gate for input %s (%s): %s", x.name, ", ".join(decision.members), decision)

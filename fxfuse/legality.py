@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import math
 import operator
 from typing import Callable, Iterable, Optional
 
@@ -148,12 +149,14 @@ def check_rows(gm: fx.GraphModule, x: fx.Node, max_rows: Optional[int]) -> Optio
     v = value_of(gm, x)
     if not isinstance(v, torch.Tensor) or v.dim() == 0:
         return None
-    rows = 1
-    for d in v.shape[:-1]:
-        if not _is_static(d):
-            return None
-        rows *= d
-    return Reason.TOO_MANY_ROWS if rows > max_rows else None
+    rows = static_rows(v)
+    return Reason.TOO_MANY_ROWS if rows is not None and rows > max_rows else None
+
+
+def static_rows(v: torch.Tensor) -> Optional[int]:
+    """The rows of an input (all dims but the last), None where symbolic."""
+    dims = v.shape[:-1]
+    return math.prod(dims) if all(_is_static(d) for d in dims) else None
 
 
 def incompatibility(gm: fx.GraphModule, a: Linear, b: Linear) -> Optional[Reason]:
