@@ -69,3 +69,15 @@ class _DropTorchaoNoise(logging.Filter):
 
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).addFilter(_DropTorchaoNoise())
+
+
+def fuse_and_compare(gm: fx.GraphModule, inputs: list, config=None):
+    """fuse_linears on a captured graph, its outputs equal before and after; the report."""
+    import fxfuse
+
+    with torch.no_grad():
+        expected = gm(*inputs)
+    report = fxfuse.fuse_linears(gm, config)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), expected)
+    return report

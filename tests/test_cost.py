@@ -17,7 +17,7 @@ import fxfuse
 from fxfuse import FuseConfig, Reason
 from fxfuse.cost import DEVICES, gemm_us, predicted_speedup
 
-from conftest import capture_with_inputs
+from conftest import capture_with_inputs, fuse_and_compare
 from test_no_fuse import Pair, assert_left_alone
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "docs" / "results" / "h200_gate_calibration.json"
@@ -27,15 +27,6 @@ def pair_graph(rows: int, k: int = 64, n: int = 64):
     torch.manual_seed(0)
     model = Pair(nn.Linear(k, n), nn.Linear(k, n))
     return capture_with_inputs(model, torch.randn(1, rows, k))
-
-
-def fuse_and_compare(gm, inputs, config=None):
-    with torch.no_grad():
-        expected = gm(*inputs)
-    report = fxfuse.fuse_linears(gm, config)
-    with torch.no_grad():
-        torch.testing.assert_close(gm(*inputs), expected)
-    return report
 
 
 @pytest.mark.parametrize("side", ["below", "at"])

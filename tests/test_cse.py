@@ -10,7 +10,7 @@ from torch import nn
 import fxfuse
 from fxfuse import FuseConfig, Reason
 
-from conftest import call_ops, capture_with_inputs, n_linear
+from conftest import call_ops, capture_with_inputs, fuse_and_compare, n_linear
 from test_no_fuse import assert_left_alone
 
 
@@ -29,15 +29,6 @@ class AdaLN(nn.Module):
             s = act(t)
             outs.append(lin(s.to(t.dtype) if self.cast else s))
         return torch.cat(outs, -1).sum(-1)
-
-
-def fuse_and_compare(gm, inputs, config=None):
-    with torch.no_grad():
-        expected = gm(*inputs)
-    report = fxfuse.fuse_linears(gm, config)
-    with torch.no_grad():
-        torch.testing.assert_close(gm(*inputs), expected)
-    return report
 
 
 def test_fuse_duplicated_silu_producers():
