@@ -37,6 +37,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--pos", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prefill-iters", type=int, default=10, help="prefill forwards per timed repeat")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -89,10 +90,10 @@ def main(argv=None):
             for name, fn in fns.items():
                 sync()
                 t = time.perf_counter()
-                for _ in range(3):
+                for _ in range(args.prefill_iters):
                     step(fn, prompt)
                 sync()
-                times[name].append((time.perf_counter() - t) / 3 * 1e3)
+                times[name].append((time.perf_counter() - t) / args.prefill_iters * 1e3)
         rows.append((f"prefill {n}", "ms", times, gate_since(n0)))
         print(f"prefill {n}: " + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in times.items())
               + f"; gate: {rows[-1][3]}", flush=True)
