@@ -30,3 +30,18 @@ def test_inspect_on_example(path):
                          cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "removed in" in res.stdout and ("layers.0" in res.stdout or "blocks.0" in res.stdout)
+
+
+def test_plot_ratios_reads_the_table_a_benchmark_log_ends_with():
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("plot_ratios", root / "benchmarks" / "plot_ratios.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    col, rows = mod.read_table(root / "docs" / "results" / "h200_unet_step_reduce_overhead.log")
+    assert col == "vs inductor"
+    assert rows == [("inductor", 1.0), ("fxfuse", 1.053), ("fxfuse_all", 1.053), ("diffusers", 1.024)]
+    col, rows = mod.read_table(root / "docs" / "results" / "h200_llama_batch_8l_no_grad.log")
+    assert col == "fxfuse vs unfused" and [r[0] for r in rows][:2] == ["prefill 512", "prefill 2048"]
+    assert dict(rows)["decode batch 1"] == 1.075
