@@ -241,13 +241,21 @@ class FusedInputs:
         def run(*args: Any) -> Any:
             ptrs = state[0]
             fused = None
-            tensors = list(args)
-            for i in local:
-                tensors[i] = tensors[i]._local_tensor
-            if inner_names:  # an inner tensor gone (None) reads as a moved one
-                tensors += [_NO_TENSOR if (t := getattr(args[i], n, None)) is None else t for i, n in inner_names]
-            if ptrs is not None and same_ptrs(tensors, ptrs, checked):
-                fused = [r() for r in state[1]]
+            tensors: Any = args
+            if local:
+                tensors = list(args)
+                for i in local:
+                    tensors[i] = tensors[i]._local_tensor
+            if inner_names:
+                # A missing inner tensor reads as a moved one (_NO_TENSOR); one
+                # set to None makes the check raise TypeError, and re-fuses.
+                tensors = [*tensors, *[getattr(args[i], n, _NO_TENSOR) for i, n in inner_names]]
+            if ptrs is not None:
+                try:
+                    if same_ptrs(tensors, ptrs, checked):
+                        fused = [r() for r in state[1]]
+                except (TypeError, AttributeError):
+                    fused = None
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
                 fused = refresh(args)
             # Dynamo calls a backend's result unpacked, whatever `_boxed_call` says.
