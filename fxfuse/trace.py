@@ -54,6 +54,13 @@ def show(report: FuseReport, after: Optional[fx.GraphModule], before_text: Optio
     if log.isEnabledFor(logging.INFO):
         origin = " (from the compile cache)" if cached else ""
         log.info("%s%s%s", report.summary(), origin, _groups_line(report))
+        alone = [d for d in report.gate if not d.fused]
+        if alone:
+            # Only what was left alone: the fused sets are in the line above.
+            d = alone[0]
+            log.info("fxfuse: the cost gate left %d of %d sibling sets alone, e.g. %s: %s "
+                     "(the report, inspect and TORCH_LOGS=+fxfuse list every decision)",
+                     len(alone), len(report.gate), compact_members(d.members), d)
         needs_grad = report.skipped.get(Reason.NEEDS_GRAD.value, 0)
         if needs_grad:
             # The most common way to fuse nothing: an .eval() model called

@@ -91,6 +91,19 @@ def test_gate_decision_logged_at_debug(caplog):
     assert any("gate" in r.getMessage() and "rows 4096" in r.getMessage() for r in caplog.records)
 
 
+def test_gate_left_alone_logged_at_info(caplog):
+    # TORCH_LOGS=fxfuse (INFO) names what the gate left alone, with its numbers.
+    torch.manual_seed(0)
+    model = Pair(nn.Linear(64, 64), nn.Linear(64, 64))
+    be = fxfuse.backend(inner="eager", min_speedup=100.0)  # no prediction reaches it
+    x = torch.randn(8, 64)
+    with caplog.at_level(logging.INFO, logger="fxfuse"), torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=be)(x), model(x))
+    assert be.report.removed == 0 and not be.report.gate[0].fused
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("cost gate left 1 of 1" in m and "rows 8" in m and "< 100" in m for m in lines), lines
+
+
 def test_gate_decisions_survive_as_dict():
     gm, _ = pair_graph(8)
     report = fxfuse.fuse_linears(gm)
