@@ -53,7 +53,8 @@ def build(tiny: bool, layers: int, rank: int, dev, dtype):
                              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                              rms_norm_eps=1e-5)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
+    with dev:  # initialised where it runs: billions of random weights are slow to make on the host
+        base = LlamaForCausalLM(config)
     # init_lora_weights=False: random B, so the adapters change the output.
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                       init_lora_weights=False)
