@@ -299,6 +299,7 @@ def main(argv=None):
         if "inductor" in info and "fxfuse" in info:
             info["inductor"]["calls"] = info["fxfuse"]["calls"].split(" ->")[0]
 
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for rep in range(args.repeats + 1):  # the first round is a warm-up, not recorded
             for name, (fn, times) in runs.items():
                 sync()
@@ -310,6 +311,8 @@ def main(argv=None):
                 if rep:
                     times.append((time.perf_counter() - t) / args.iters * 1e3)
         log("timed")
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+            log("WARNING: something recompiled while being timed: timings include compiles")
 
     base = statistics.median(runs["inductor"][1]) if "inductor" in runs else None
     best = min(runs["inductor"][1]) if "inductor" in runs else None
