@@ -87,8 +87,8 @@ def build_sdxl(tiny, layers):
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                   addition_embed_type="text_time", use_linear_projection=True)
     if tiny:
-        cfg = dict(layers_per_block=1, sample_size=16, block_out_channels=(16, 32, 64), transformer_layers_per_block=(1, 1, layers or 2),
-                   attention_head_dim=(2, 4, 8), cross_attention_dim=32, norm_num_groups=8,
+        cfg = dict(layers_per_block=1, sample_size=16, block_out_channels=(16, 32, 64),
+                   transformer_layers_per_block=(1, 1, layers or 2), attention_head_dim=(2, 4, 8), cross_attention_dim=32, norm_num_groups=8,
                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
         batch, latent, text, pooled = 2, (4, 16, 16), (7, 32), 16
     else:  # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json

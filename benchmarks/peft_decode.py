@@ -126,7 +126,8 @@ def main(argv=None):
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(dev)
     gen = dict(max_new_tokens=args.tokens, do_sample=False, cache_implementation="static",
                return_dict_in_generate=True, output_logits=True)
-    log(f"built: {args.layers} layers, LoRA r={args.rank} on q_proj, v_proj (unmerged), {mem() / GiB:.2f} GiB allocated")
+    log(f"built: {args.layers} layers, LoRA r={args.rank} on q_proj, v_proj (unmerged), "
+        f"{mem() / GiB:.2f} GiB allocated")
 
     with torch.no_grad():
         ref = plain.generate(prompt, **gen, disable_compile=True)
