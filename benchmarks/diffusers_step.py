@@ -87,8 +87,8 @@ def build_sdxl(tiny, layers):
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                   addition_embed_type="text_time", use_linear_projection=True)
     if tiny:
-        cfg = dict(layers_per_block=1, sample_size=16, block_out_channels=(16, 32, 64), transformer_layers_per_block=(1, 1, layers or 2),
-                   attention_head_dim=(2, 4, 8), cross_attention_dim=32, norm_num_groups=8,
+        cfg = dict(layers_per_block=1, sample_size=16, block_out_channels=(16, 32, 64),
+                   transformer_layers_per_block=(1, 1, layers or 2), attention_head_dim=(2, 4, 8), cross_attention_dim=32, norm_num_groups=8,
                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
         batch, latent, text, pooled = 2, (4, 16, 16), (7, 32), 16
     else:  # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
@@ -299,6 +299,7 @@ def main(argv=None):
         if "inductor" in info and "fxfuse" in info:
             info["inductor"]["calls"] = info["fxfuse"]["calls"].split(" ->")[0]
 
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for rep in range(args.repeats + 1):  # the first round is a warm-up, not recorded
             for name, (fn, times) in runs.items():
                 sync()
@@ -310,6 +311,8 @@ def main(argv=None):
                 if rep:
                     times.append((time.perf_counter() - t) / args.iters * 1e3)
         log("timed")
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+            log("WARNING: something recompiled while being timed: timings include compiles")
 
     base = statistics.median(runs["inductor"][1]) if "inductor" in runs else None
     best = min(runs["inductor"][1]) if "inductor" in runs else None

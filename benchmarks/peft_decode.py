@@ -126,16 +126,20 @@ def main(argv=None):
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(dev)
     gen = dict(max_new_tokens=args.tokens, do_sample=False, cache_implementation="static",
                return_dict_in_generate=True, output_logits=True)
-    log(f"built: {args.layers} layers, LoRA r={args.rank} on q_proj, v_proj (unmerged), {mem() / GiB:.2f} GiB allocated")
+    log(f"built: {args.layers} layers, LoRA r={args.rank} on q_proj, v_proj (unmerged), "
+        f"{mem() / GiB:.2f} GiB allocated")
 
     with torch.no_grad():
         ref = plain.generate(prompt, **gen, disable_compile=True)
     log(f"eager generate: {ref.sequences.shape[1] - args.prompt} tokens")
 
+    # Copies made before anything is compiled (a copy would carry the
+    # original's compiled call); "extra GiB" leaves the copy out.
+    models = {name: plain if name == "inductor" else copy.deepcopy(plain) for name in variants}
     runs, info = {}, {}
     for name in variants:
         before = mem()
-        model = plain if name == "inductor" else copy.deepcopy(plain)
+        model = models[name]
         be = fxfuse.backend() if name == "fxfuse" else None
         config = CompileConfig(backend=be) if be is not None else CompileConfig()
         if not cuda:
@@ -174,6 +178,7 @@ def main(argv=None):
         identical = torch.equal(info["inductor"]["tokens"], info["fxfuse"]["tokens"])
         log(f"greedy tokens of inductor and fxfuse identical: {identical}")
 
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():
         for rep in range(args.repeats + 1):  # the first round is a warm-up, not recorded
             for name, (model, config, rates) in runs.items():
@@ -183,6 +188,8 @@ def main(argv=None):
                 if rep:
                     rates.append(clock.decode_tok_s())
     log("timed")
+    if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+        log("WARNING: something recompiled while being timed: timings include compiles")
 
     base = statistics.median(runs["inductor"][2]) if "inductor" in runs else None
     print(f"\n{command}\n")

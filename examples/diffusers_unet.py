@@ -10,7 +10,7 @@ fxfuse needs no change to the model: it fuses the self-attention q/k/v and
 the cross-attention k/v (as diffusers' hand fusion does), and the resnets'
 time-embedding projections, which each read their own silu(temb)
 (docs/design.md, "Duplicated producers"). diffusers builds new fused weights
-beside the old ones (+1.72 GiB for SD 1.5 in fp16 on an H200); fxfuse moves
+beside the old ones (+0.105 GiB for SD 1.5 in fp16); fxfuse moves
 the weights into one storage. GPU timings: benchmarks/unet_step.py and
 docs/benchmarks.md.
 """

@@ -133,3 +133,22 @@ def test_peft_lora_unmerged_adapters_join_qkv():
         assert sorted(m.rsplit("self_attn.", 1)[1] for m in g.members) == [
             "k_proj", "q_proj.base_layer", "q_proj.lora_A.default", "v_proj.base_layer", "v_proj.lora_A.default"]
         assert sorted(g.widths) == [4, 4, 32, 32, 64]
+
+
+@pytest.mark.parametrize("kind, before, after, diffusers_after", [("sd3", 32, 20, 24), ("flux", 50, 30, 38)])
+def test_diffusers_transformer_against_fuse_qkv_projections(kind, before, after, diffusers_after):
+    ex = _example("diffusers_transformer")
+    model, kwargs = ex.build(kind)
+    report, fused_after = ex.compare(model, kwargs)  # both checked against eager inside
+    # diffusers removes 2 calls per q/k/v and add_q/k/v set in each of the 2 joint
+    # blocks (8), and Flux's single blocks' q/k/v (2 x 2). fxfuse removes the same
+    # and joins every AdaLN linear on temb (SD3: 5 in one GEMM, Flux: 7) and, in
+    # Flux's single blocks, proj_mlp with q/k/v.
+    assert (report.before, report.after, fused_after) == (before, after, diffusers_after)
+    if kind == "flux":
+        single = [g for g in report.groups if any(m.endswith("proj_mlp") for m in g.members)]
+        assert len(single) == 2
+        for g in single:
+            assert sorted(m.rsplit("single_transformer_blocks.", 1)[1][2:] for m in g.members) == [
+                "attn.to_k", "attn.to_q", "attn.to_v", "proj_mlp"]
+            assert sorted(g.widths) == [32, 32, 32, 128]
