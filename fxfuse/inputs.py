@@ -241,21 +241,13 @@ class FusedInputs:
         def run(*args: Any) -> Any:
             ptrs = state[0]
             fused = None
-            tensors: Any = args
-            if local:
-                tensors = list(args)
-                for i in local:
-                    tensors[i] = tensors[i]._local_tensor
-            if inner_names:
-                # A missing inner tensor reads as a moved one (_NO_TENSOR); one
-                # set to None makes the check raise TypeError, and re-fuses.
-                tensors = [*tensors, *[getattr(args[i], n, _NO_TENSOR) for i, n in inner_names]]
-            if ptrs is not None:
-                try:
-                    if same_ptrs(tensors, ptrs, checked):
-                        fused = [r() for r in state[1]]
-                except (TypeError, AttributeError):
-                    fused = None
+            tensors = list(args)  # a list: torch's C++ check takes no tuple
+            for i in local:
+                tensors[i] = tensors[i]._local_tensor
+            if inner_names:  # an inner tensor gone (None) reads as a moved one
+                tensors += [_NO_TENSOR if (t := getattr(args[i], n, None)) is None else t for i, n in inner_names]
+            if ptrs is not None and same_ptrs(tensors, ptrs, checked):
+                fused = [r() for r in state[1]]
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
                 fused = refresh(args)
             # Dynamo calls a backend's result unpacked, whatever `_boxed_call` says.
@@ -278,4 +270,7 @@ def _to_local_of(op: Operand) -> Optional[fx.Node]:
 
 
 def _same_ptrs(tensors: list, ptrs: list, indices: list[int]) -> bool:
+    """torch._C._tensors_data_ptrs_at_indices_equal where torch lacks it (CPU builds)."""
+    if not isinstance(tensors, list):  # the same contract as the C++ function
+        raise TypeError(f"expected a list of tensors, got {type(tensors).__name__}")
     return all(tensors[i].data_ptr() == ptrs[i] for i in indices)
