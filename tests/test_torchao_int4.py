@@ -51,6 +51,13 @@ FORMATS = {
 }
 
 
+def same(device: str) -> dict:
+    """assert_close's tolerance: bitwise on CPU, where each output column
+    is computed alone whatever the number of rows (measured); on CUDA the
+    default for bfloat16, since that is not shown here for tinygemm."""
+    return dict(rtol=0, atol=0) if device == "cpu" else {}
+
+
 def int4_llama(device: str, config, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(LlamaConfig(n_layer=2, **TILED)).to(device=device, dtype=DTYPE).eval()
@@ -91,7 +98,7 @@ def test_fuse_int4_llama_removes_6_and_matches_unfused(fmt):
     be = fxfuse.backend(inner="eager")
     fn = torch.compile(model, backend=be)
     with torch.no_grad():
-        torch.testing.assert_close(fn(tokens), expected, rtol=0, atol=0)
+        torch.testing.assert_close(fn(tokens), expected, **same(device))
     assert be.report.removed == 6 and {g.weights for g in be.report.groups} == {"storage"}
     assert not be.report.skipped
     # The packed rows: views of one storage, no second copy.
@@ -108,8 +115,8 @@ def test_fuse_int4_llama_removes_6_and_matches_unfused(fmt):
     other = int4_llama(device, config, seed=1)
     model.load_state_dict(other.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(fn(tokens), other(tokens), rtol=0, atol=0)
-        torch.testing.assert_close(fn(tokens), model(tokens), rtol=0, atol=0)
+        torch.testing.assert_close(fn(tokens), other(tokens), **same(device))
+        torch.testing.assert_close(fn(tokens), model(tokens), **same(device))
     assert inner_bytes(model, "qdata") == packed_before
 
 
@@ -141,15 +148,34 @@ def test_fuse_int4_in_place_edits_and_replaced_parameter(fmt):
         # Scales: edited in place, and through `.data` (which no version counter sees).
         ffn.w1.weight.scale_and_zero.mul_(2)
         attention.wk.weight.scale_and_zero.data[..., 0].mul_(0.5)
-        torch.testing.assert_close(fn(tokens), model(tokens), rtol=0, atol=0)
+        torch.testing.assert_close(fn(tokens), model(tokens), **same(device))
         # A new Parameter in place of a member: its rows copied in, its scales read.
         other = int4_llama(device, config, seed=1)
         attention.wv.weight = other.layers[0].attention.wv.weight
-        torch.testing.assert_close(fn(tokens), model(tokens), rtol=0, atol=0)
+        torch.testing.assert_close(fn(tokens), model(tokens), **same(device))
         assert shares_storage(attention.wv.weight.qdata, attention.wq.weight.qdata)
         # A new scale tensor set on a member: read on the next call.
         attention.wq.weight.scale_and_zero = attention.wq.weight.scale_and_zero * 2
-        torch.testing.assert_close(fn(tokens), model(tokens), rtol=0, atol=0)
+        torch.testing.assert_close(fn(tokens), model(tokens), **same(device))
+
+
+@needs_cuda
+def test_fuse_int4_tile_packed_llama_inductor():
+    # Inside AOTAutograd the fused weight is unwrapped: its packed rows and
+    # its per-call scale buffer are graph inputs of `_weight_int4pack_mm`.
+    model = int4_llama("cuda", cuda_config)
+    tokens = TOKENS.cuda()
+    be = fxfuse.backend(inner="inductor")
+    with torch.no_grad():
+        expected = torch.compile(model)(tokens)
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend=be)
+        torch.testing.assert_close(fn(tokens), expected)
+        model.layers[1].attention.wk.weight.scale_and_zero.mul_(2)
+        out = fn(tokens)
+        torch._dynamo.reset()
+        torch.testing.assert_close(out, torch.compile(model)(tokens))
+    assert be.report.removed == 6
 
 
 def test_fuse_int4_unfuse_gives_each_member_its_storage():
@@ -207,9 +233,9 @@ def test_no_fuse_quantized_rows_not_tile_aligned():
 @needs_cuda
 def test_no_fuse_quantized_rows_not_tile_aligned_cuda():
     # tinygemm pads the rows to 8: a 36-row member's padding would sit inside the joined rows.
-    model = int4_pair(36, 64, cuda_config(), device="cuda")
+    model = int4_pair(36, 44, cuda_config(), device="cuda")
     assert model.a.weight.qdata.shape[0] * 8 == 40
-    assert_backend_left_alone(model, (X.cuda(),), Reason.QUANT_NOT_TILE_ALIGNED, 1)
+    assert_backend_left_alone(model, (X.cuda(),), Reason.QUANT_NOT_TILE_ALIGNED, 2)
 
 
 def test_no_fuse_int4_group_size_mismatch():
