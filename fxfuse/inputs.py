@@ -253,10 +253,9 @@ class FusedInputs:
                 fused = [r() for r in state[1]]
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
                 fused = refresh(args)  # (joins the columns itself)
-            else:
-                for slot in columns:
-                    if (st := slot.ref()) is not None:
-                        st.join_columns([args[i] for i in slot.arg_index])
+            elif not all(st is None or st.join_columns([args[i] for i in slot.arg_index])
+                         for slot in columns for st in (slot.ref(),)):
+                fused = refresh(args)  # a member's scales now have another shape: a new storage
             # Dynamo calls a backend's result unpacked, whatever `_boxed_call` says.
             return compiled(*take(args), *fused)
 

@@ -230,6 +230,8 @@ class SubclassStorage:
         with torch.no_grad():
             joined = {k: torch.cat([getattr(m, k) for m in members], dim=d) for k, d in self.columns.items()}
         self.fused = _build(ref, {**{k: st.fused for k, st in parts.items()}, **joined}, sum(widths))
+        # What `join_columns` expects of each member's tensors, checked per call.
+        self._column_meta = [[(getattr(m, k).shape, getattr(m, k).dtype) for k in self.columns] for m in members]
 
     @property
     def ptrs(self) -> list[tuple[int, ...]]:
@@ -241,28 +243,34 @@ class SubclassStorage:
         flat = [_flatten(m) for m in members]  # type: ignore[arg-type]
         if not all(names == self.all_names and _metadata(ctx) == self.metadata for names, ctx in flat):
             return False
-        fused = self.fused
-        return all(st.fits([getattr(m, k) for m in members]) for k, st in self.parts.items()) and all(
-            sum(getattr(m, k).shape[d] for m in members) == getattr(fused, k).shape[d]
-            and _others(getattr(m, k), d) == _others(getattr(fused, k), d)
-            and getattr(m, k).dtype == getattr(fused, k).dtype and getattr(m, k).device == getattr(fused, k).device
-            for k, d in self.columns.items() for m in members
+        device = self.fused.device
+        return all(st.fits([getattr(m, k) for m in members]) for k, st in self.parts.items()) and (
+            [[(getattr(m, k).shape, getattr(m, k).dtype) for k in self.columns] for m in members] == self._column_meta
+            and all(getattr(m, k).device == device for k in self.columns for m in members)
         )
 
-    def join_columns(self, members: Sequence[Optional[Tensor]]) -> None:
+    def join_columns(self, members: Sequence[Optional[Tensor]]) -> bool:
         """Rewrite the inner tensors joined along a dim other than 0 from the
-        members' current ones (`fits` held for these members)."""
+        members' current ones. False, writing nothing, when one of those no
+        longer has the shape and dtype it had (a replaced inner tensor):
+        `cat` would resize the buffer, so the caller must find a new storage."""
         if not self.columns:
-            return
+            return True
+        current = [[getattr(m, k) for k in self.columns] for m in members]
+        if any((t.shape, t.dtype) != meta for ts, metas in zip(current, self._column_meta)
+               for t, meta in zip(ts, metas)):
+            return False
         with torch.no_grad():
-            for k, d in self.columns.items():
-                torch.cat([getattr(m, k) for m in members], dim=d, out=getattr(self.fused, k))
+            for j, (k, d) in enumerate(self.columns.items()):
+                torch.cat([ts[j] for ts in current], dim=d, out=getattr(self.fused, k))
+        return True
 
     def current(self, members: Sequence[Optional[Tensor]]) -> Tensor:
         """The fused tensor, after copying back any inner tensor that moved."""
         for k, st in self.parts.items():
             st.current([getattr(m, k) for m in members])
-        self.join_columns(members)
+        joined = self.join_columns(members)
+        assert joined, "fits() held: the members' column tensors have their shapes"
         return self.fused
 
 
@@ -307,7 +315,7 @@ def subclass_storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[i
     first = parts[next(iter(parts))]
     known = getattr(first, "subclass", None)
     if isinstance(known, SubclassStorage) and known.parts == parts and known.fits(present):
-        known.join_columns(present)
+        known.current(present)
         return known
     first.subclass = SubclassStorage(parts, present, widths)  # type: ignore[attr-defined]
     return first.subclass  # type: ignore[attr-defined]
