@@ -41,7 +41,7 @@ class Reason(str, enum.Enum):
     # Same class, other metadata: block size, granularity, activation quantization, inner dtypes.
     QUANT_METADATA_MISMATCH = "quantization_metadata_mismatch"
     QUANT_NOT_PER_ROW = "quantized_scales_not_per_row"  # per-tensor scales, an input pre-scale
-    # Packed int4 rows interleaved in tiles (8 rows on CUDA, 64 on CPU) that the
+    # Packed int4 rows interleaved in tiles (16 rows on CUDA, 64 on CPU) that the
     # member's output channels do not fill: its last tile would sit inside the joined one.
     QUANT_NOT_TILE_ALIGNED = "quantized_rows_not_tile_aligned"
     WEIGHT_NOT_2D = "weight_not_2d"

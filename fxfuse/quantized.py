@@ -25,9 +25,9 @@ output column is the one the member's own call computes. Nothing is
 dequantized or requantized.
 
 Packed int4 rows: the kernels interleave the rows of a tile (CUDA tinygemm:
-8 rows per qdata index; CPU: blocks of 64 rows with AVX512, 32 with AVX2 or
-without vectorization, packed apart from the next block, a shorter last
-block packed plainly). Joining is exact when every member's rows fill whole
+8 rows per qdata index, tiles of 16 on ROCm; CPU: blocks of 64 rows with
+AVX512, 32 with AVX2 or without vectorization, packed apart from the next
+block, a shorter last block packed plainly). Joining is exact when every member's rows fill whole
 tiles, so that each member's tiles are tiles of the fused tensor; a member
 whose rows do not is refused (`not_tile_aligned`).
 
@@ -108,7 +108,8 @@ LAYOUTS: dict[str, dict[str, Rows]] = {
     # Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d"): CUDA's
     # `_weight_int4pack_mm` reads qdata as [n/8][K/(8*16)][32][4], 8 rows an
     # index (torchao's own slice of it divides dim 0 by 8); n is padded to 8.
-    "Int4TilePackedTo4dTensor": {"qdata": Rows(per_index=8, tile=8), "scale_and_zero": Rows(dim=1)},
+    # On ROCm the same tensor holds tiles of 16 rows: 16 is exact on both.
+    "Int4TilePackedTo4dTensor": {"qdata": Rows(per_index=8, tile=16), "scale_and_zero": Rows(dim=1)},
     # PrototypeInt4WeightOnlyConfig (torchao.prototype.quantization.int4),
     # weight-only: `_weight_int4pack_mm_for_cpu`.
     "Int4OpaqueTensor": {"qdata": Rows(tile=_CPU_INT4_TILE), "scale_and_zero": Rows(dim=1)},
