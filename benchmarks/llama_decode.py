@@ -22,6 +22,7 @@ torchao (``quantize_`` after building each model; the hand-fused copy is
 quantized after its wqkv/w13 are built, as torchao's own hand fusion does):
 
   python benchmarks/llama_decode.py --torchao int8wo,int8dq,float8dq_row --layers 8 --prefill 0
+  python benchmarks/llama_decode.py --torchao int4 --layers 4 --prefill 0
   CPU smoke:  python benchmarks/llama_decode.py --tiny --torchao int8wo,float8wo --tokens 8 --repeats 2 --prefill 0
 
 runs the variants unfused, hand_fused and fxfuse for each config in turn and
@@ -70,12 +71,24 @@ def torchao_config(name):
             granularity=PerRow(), set_inductor_config=False),
         "float8dq_tensor": lambda: Float8DynamicActivationFloat8WeightConfig(
             granularity=PerTensor(), set_inductor_config=False),
-        "int4wo": lambda: Int4WeightOnlyConfig(
+        # tinygemm (`_weight_int4pack_mm`, CUDA): the one int4 format with a
+        # kernel in torch alone; plain and preshuffled need mslk.
+        "int4": lambda: Int4WeightOnlyConfig(
             group_size=128, int4_packing_format="tile_packed_to_4d", set_inductor_config=False),
+        # The CPU tinygemm (`_weight_int4pack_mm_for_cpu`), for a --tiny smoke
+        # run; group 32 since the tiny model's K is 64.
+        "int4_cpu": lambda: _prototype_int4(group_size=32, set_inductor_config=False),
     }
+    configs["int4wo"] = configs["int4"]
     if name not in configs:
         sys.exit(f"unknown --torchao config {name!r}; choose from {sorted(configs)}")
     return configs[name]()
+
+
+def _prototype_int4(**kwargs):
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(**kwargs)
 
 
 def quantized_inner(model):
@@ -110,7 +123,8 @@ def parse_args(argv=None):
                    "the hand-fused model is quantized after fusing")
     p.add_argument("--torchao", metavar="CONFIGS",
                    help="comma-separated torchao configs (int8wo, int8dq, float8wo, float8dq_row, "
-                   "float8dq_tensor, int4wo), each run in turn; variants default to " + TORCHAO_VARIANTS)
+                   "float8dq_tensor, int4 (CUDA tinygemm), int4_cpu), each run in turn; variants default to "
+                   + TORCHAO_VARIANTS)
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one generation per variant: GPU kernel time "
                    "and kernel count per token, and the largest kernels")
@@ -524,7 +538,8 @@ def run(args):
     for m in models:
         for p in m.parameters():
             if hasattr(p, "__tensor_flatten__"):  # torchao: halve the scales in place
-                p.scale.mul_(0.5)
+                # int4 (tinygemm) keeps scales and zeros together: halving both halves the weight.
+                (p.scale if hasattr(p, "scale") else p.scale_and_zero).mul_(0.5)
             else:
                 p.mul_(0.5)
         for name, buf in m.named_buffers():

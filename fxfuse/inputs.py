@@ -216,6 +216,9 @@ class FusedInputs:
         checked = [i for slot in slots for i in slot.arg_index if i is not None and i not in inner]
         checked += range(n_args, end)
         inner_names = [(i, n) for i, names in inner.items() for n in names]
+        # torchao int4: scales joined along a dim other than 0 are rewritten on
+        # every call, from the members' own tensors (quantized.SubclassStorage).
+        columns = [slot for slot in slots if isinstance(st := slot.ref(), quantized.SubclassStorage) and st.columns]
         local = sorted(self.local)  # DTensor arguments: check their local tensors
         same_ptrs = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _same_ptrs)
         take = operator.itemgetter(*keep) if len(keep) > 1 else (lambda a: tuple(a[i] for i in keep))
@@ -249,7 +252,10 @@ class FusedInputs:
             if ptrs is not None and same_ptrs(tensors, ptrs, checked):
                 fused = [r() for r in state[1]]
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
-                fused = refresh(args)
+                fused = refresh(args)  # (joins the columns itself)
+            elif not all(st is None or st.join_columns([args[i] for i in slot.arg_index])
+                         for slot in columns for st in (slot.ref(),)):
+                fused = refresh(args)  # a member's scales now have another shape: a new storage
             # Dynamo calls a backend's result unpacked, whatever `_boxed_call` says.
             return compiled(*take(args), *fused)
 

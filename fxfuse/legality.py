@@ -41,6 +41,9 @@ class Reason(str, enum.Enum):
     # Same class, other metadata: block size, granularity, activation quantization, inner dtypes.
     QUANT_METADATA_MISMATCH = "quantization_metadata_mismatch"
     QUANT_NOT_PER_ROW = "quantized_scales_not_per_row"  # per-tensor scales, an input pre-scale
+    # Packed int4 rows interleaved in tiles (16 rows on CUDA, 64 on CPU) that the
+    # member's output channels do not fill: its last tile would sit inside the joined one.
+    QUANT_NOT_TILE_ALIGNED = "quantized_rows_not_tile_aligned"
     WEIGHT_NOT_2D = "weight_not_2d"
     SYMBOLIC_SHAPE = "symbolic_weight_shape"
     BAD_BIAS = "bias_shape_or_dtype"
@@ -103,7 +106,10 @@ def _check_quantized(gm: fx.GraphModule, w: torch.Tensor) -> Optional[Reason]:
         return Reason.QUANTIZED_SUBCLASS if _packs_narrower(w, w.dtype) else Reason.TENSOR_SUBCLASS
     if not gm.meta.get(quantized.JOINS_KEY):
         return Reason.QUANTIZED_SUBCLASS
-    return Reason.QUANT_NOT_PER_ROW if quantized.not_per_row(w) else None
+    problem = quantized.row_problem(w)
+    if problem == "not_tile_aligned":
+        return Reason.QUANT_NOT_TILE_ALIGNED
+    return Reason.QUANT_NOT_PER_ROW if problem is not None else None
 
 
 def _is_static(n: object) -> bool:
