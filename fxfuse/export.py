@@ -26,7 +26,7 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from .config import FuseConfig
 from .fuse import _fuse
-from .match import Group
+from .forms import Group
 from .report import FuseReport
 from .weights import concat_rows
 

@@ -44,7 +44,7 @@ from .cache import LEDGER, Recorder, has_tangents, publish, source_hash
 from .config import FuseConfig
 from .fuse import _fuse
 from .legality import Reason, check_per_call_concat
-from .match import Group, value_of
+from .forms import Group, value_of
 from .report import FuseReport
 from .weights import concat_rows
 

@@ -20,7 +20,7 @@ from torch import fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import quantized
-from .match import Group, Linear, Operand, value_of
+from .forms import Group, Linear, Operand, value_of
 
 __all__ = [
     "Reason", "check_member", "incompatibility", "check_independent", "insertion_point", "check_no_mutation",

@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from . import legality, transaction
 from .aten import emit_aten, emit_cast, is_aten_group
-from .match import Group, Operand, value_of
+from .forms import Group, Operand, value_of
 
 __all__ = ["fuse_group", "SPLIT_SIZES_KEY"]
 
