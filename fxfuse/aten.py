@@ -38,6 +38,7 @@ import torch
 from torch import fx
 
 from .forms import Linear, module_path, scaled, value_of
+from .qforms import as_quantized_linear
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -115,6 +116,8 @@ def as_aten_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
     """The `Linear` view of an aten mm / addmm / linear node, or None."""
     if node.op != "call_function" or node.kwargs:
         return None
+    if (quantized := as_quantized_linear(gm, node)) is not None:
+        return quantized  # torchao's forms (qforms.py)
     name = module_path(node) or node.name
     if node.target is aten.linear.default:
         x, w, *rest = node.args
@@ -138,6 +141,16 @@ def as_aten_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
     stored = _stored_weight(gm, wt)
     if stored is None or not isinstance(a, fx.Node):
         return None
+    lin = _aten_mm(gm, node, name, a, b, stored)
+    if lin.cast is not None and (lin.scale is None or lin.scale.op not in ("placeholder", "get_attr")):  # type: ignore[union-attr]
+        # Scales computed per call (torchao's cast and flatten of its [N, 1]
+        # scale), or none per channel: the form that concatenates the stored
+        # scales, or says why not (one per tensor).
+        return as_quantized_linear(gm, node, cast_only=True) or lin
+    return lin
+
+
+def _aten_mm(gm: fx.GraphModule, node: fx.Node, name: str, a: fx.Node, b: Optional[fx.Node], stored: tuple) -> Linear:
     w, dtype, dead = stored
     # Siblings each view the same source: group by the source.
     x = a.args[0] if a.op == "call_function" and a.target in _VIEWS and isinstance(a.args[0], fx.Node) else a
