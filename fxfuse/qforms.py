@@ -193,7 +193,14 @@ class _Walk:
         if vo is None:
             return False
         if vo.dim() >= 1 and vo.shape[-1] == width and vo.numel() == width:
-            return self.rows(other, vo.dim() - 1)  # a per-column scale (or bias): stored rows
+            # A per-column scale (or bias) of stored rows; if it is not, what
+            # the walk collected is not this member's.
+            kept = len(self.core), len(self.form.leaves), dict(self.form.n_at)
+            if self.rows(other, vo.dim() - 1):
+                return True
+            del self.core[kept[0]:], self.form.leaves[kept[1]:]
+            self.form.n_at = kept[2]
+            return False
         if vo.dim() == 0 or vo.shape[-1] == 1:
             if self.rows_of_tensor(other):  # a stored per-tensor scale
                 self.form.refusal = NOT_PER_ROW
@@ -213,8 +220,11 @@ def _is_pure(n: fx.Node) -> bool:
         {torch.Tag.nondeterministic_seeded, torch.Tag.nondeterministic_bitwise} & set(t.tags))
 
 
-def _position(n: fx.Node) -> tuple:
-    return n._sort_key  # type: ignore[attr-defined] - kept up to date by fx on insertion
+def _position(n: fx.Node) -> object:
+    """A node's place in its graph: fx keeps `_sort_key` up to date on
+    insertion; without it (older torch), its index."""
+    key = getattr(n, "_sort_key", None)
+    return key if key is not None else list(n.graph.nodes).index(n)
 
 
 def _activation_side(walk: _Walk) -> Optional[fx.Node]:
