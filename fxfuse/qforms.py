@@ -186,7 +186,13 @@ class _Walk:
             self.form.epilogue.append(u)
             self.core.append(u)
             cur = u
-        return cur
+            if u.target in _VIEWS:
+                break  # the view back ends the linear: what follows is the model's
+        # A cast last is the model's too (``silu(w1(x).float())``), not the
+        # linear's: siblings that differ there must still join.
+        while self.form.epilogue and _cast_of(self.form.epilogue[-1]) is not None:
+            self.core.remove(self.form.epilogue.pop())
+        return self.form.epilogue[-1] if self.form.epilogue else self.form.gemm
 
     def _column_operand(self, other: fx.Node, width: int) -> bool:
         vo = self._val(other)

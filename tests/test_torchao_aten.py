@@ -121,7 +121,11 @@ def test_fuse_torchao_llama_in_post_grad_hook_with_freezing(config):
     p = fxfuse.inductor_pass()
     out, (_, _, after) = post_grad(model, freezing=True, pass_=p)
     assert before - after == 6 and p.report.removed == 6 and not p.report.skipped
-    torch.testing.assert_close(out, expected)
+    # The fused GEMM has another N, for which the CPU's bf16 GEMM may sum K
+    # in another order: up to one bf16 rounding step of the largest output
+    # (compiling the unfused model already moves the outputs more than that).
+    ulp = torch.finfo(DTYPE).eps * expected.abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=ulp)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -133,5 +137,6 @@ def test_no_fuse_quantized_weights_concatenated_per_call(config):
     p = fxfuse.inductor_pass()
     out, (before, after, _) = post_grad(model, freezing=False, pass_=p)
     assert after == before
-    assert p.report.removed == 0 and p.report.skipped == {Reason.QUANT_CONCAT_PER_CALL.value: 6}
+    # Every sibling call is left alone: q, k, v, w1 and w3 of both layers.
+    assert p.report.removed == 0 and p.report.skipped == {Reason.QUANT_CONCAT_PER_CALL.value: 10}
     torch.testing.assert_close(out, expected)
