@@ -1,7 +1,7 @@
 """What a recognised linear call is, in either dialect: the `Linear` record,
-the values behind its operands, and the pieces of a form that the
-torch-level graph (match.py) and aten graphs (aten.py, quantized.py's forms in
-qforms.py) share: the per-output-channel scale and bias after a GEMM.
+the values behind its operands, and the pieces of a form that the matchers
+of torch-level graphs (match.py) and of aten graphs (aten.py, and torchao's
+forms in qforms.py) share: the per-output-channel scale and bias after a GEMM.
 
 This module only reads graphs; it imports nothing else of fxfuse, so every
 dialect's matcher can build on it without importing another.
