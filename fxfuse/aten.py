@@ -32,15 +32,13 @@ multiply, the bias add and the split.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import fx
 
-from .match import _scaled
-
-if TYPE_CHECKING:
-    from .match import Linear
+from .forms import Linear, module_path, scaled, value_of
+from .qforms import as_quantized_linear
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -68,7 +66,7 @@ def _cast_of(n: object) -> Optional[tuple[object, object]]:
     return None
 
 
-def _changes_dtype(gm: fx.GraphModule, cast: Optional[tuple[object, object]], value_of: Callable) -> bool:
+def _changes_dtype(gm: fx.GraphModule, cast: Optional[tuple[object, object]]) -> bool:
     """Is `cast` (from `_cast_of`) a real conversion of a tensor to another dtype?"""
     if cast is None or not isinstance(cast[0], fx.Node) or not isinstance(cast[1], torch.dtype):
         return False
@@ -77,7 +75,7 @@ def _changes_dtype(gm: fx.GraphModule, cast: Optional[tuple[object, object]], va
 
 
 def _stored_weight(
-    gm: fx.GraphModule, wt: object, value_of: Callable
+    gm: fx.GraphModule, wt: object
 ) -> Optional[tuple[fx.Node, Optional[torch.dtype], tuple[fx.Node, ...]]]:
     """(w, cast dtype or None, the nodes peeled) if the mm operand `wt` is
     t(w), t(cast(w)) or cast(t(w)) of a 2-D w."""
@@ -88,16 +86,16 @@ def _stored_weight(
             v = value_of(gm, inner) if isinstance(inner, fx.Node) else None
             if not (isinstance(v, torch.Tensor) and v.dim() == 2):
                 return None
-            if cast is None and _changes_dtype(gm, c := _cast_of(inner), value_of):
+            if cast is None and _changes_dtype(gm, c := _cast_of(inner)):
                 (inner, cast), peeled = c, [*peeled, inner]  # type: ignore[misc]
             return inner, cast, tuple(peeled)  # type: ignore[return-value]
-        if cast is not None or not _changes_dtype(gm, c := _cast_of(n), value_of):
+        if cast is not None or not _changes_dtype(gm, c := _cast_of(n)):
             return None
         (n, cast), peeled = c, [n]  # type: ignore[misc]
     return None
 
 
-def _output_view(gm: fx.GraphModule, node: fx.Node, width: int, value_of: Callable) -> Optional[fx.Node]:
+def _output_view(gm: fx.GraphModule, node: fx.Node, width: int) -> Optional[fx.Node]:
     """The view of a 2-D GEMM result back to the input's leading dims, if it is
     the result's only user. Its shape is reused for the fused result, so its
     sizes must be known anywhere: constants or graph inputs (symbolic sizes)."""
@@ -114,23 +112,23 @@ def _output_view(gm: fx.GraphModule, node: fx.Node, width: int, value_of: Callab
     return view
 
 
-def as_aten_linear(
-    gm: fx.GraphModule, node: fx.Node, value_of: Callable, make: Callable, name_of: Callable
-) -> Optional["Linear"]:
+def as_aten_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
     """The `Linear` view of an aten mm / addmm / linear node, or None."""
     if node.op != "call_function" or node.kwargs:
         return None
-    name = name_of(node) or node.name
+    if (quantized := as_quantized_linear(gm, node)) is not None:
+        return quantized  # torchao's forms (qforms.py)
+    name = module_path(node) or node.name
     if node.target is aten.linear.default:
         x, w, *rest = node.args
         b = rest[0] if rest else None
         if not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or not (b is None or isinstance(b, fx.Node)):
             return None
         cast = _cast_of(w)
-        if not _changes_dtype(gm, cast, value_of):
-            return make(node, x, w, b, name)
+        if not _changes_dtype(gm, cast):
+            return Linear(node, x, w, b, name)
         (w, dtype), dead = cast, (w,)  # type: ignore[misc]
-        return _dequantized(gm, node, node, x, w, b, dtype, dead, name, value_of, make)
+        return _dequantized(gm, node, node, x, w, b, dtype, dead, name)
     if node.target is aten.mm.default and len(node.args) == 2:
         b, (a, wt) = None, node.args
     elif node.target is aten.addmm.default and len(node.args) == 3:
@@ -140,44 +138,54 @@ def as_aten_linear(
             return None  # a 2-D "bias" is not a linear's
     else:
         return None
-    stored = _stored_weight(gm, wt, value_of)
+    stored = _stored_weight(gm, wt)
     if stored is None or not isinstance(a, fx.Node):
         return None
+    lin = _aten_mm(gm, node, name, a, b, stored)
+    if lin.cast is not None and (lin.scale is None or lin.scale.op not in ("placeholder", "get_attr")):  # type: ignore[union-attr]
+        # Scales computed per call (torchao's cast and flatten of its [N, 1]
+        # scale), or none per channel: the form that concatenates the stored
+        # scales, or says why not (one per tensor).
+        return as_quantized_linear(gm, node, cast_only=True) or lin
+    return lin
+
+
+def _aten_mm(gm: fx.GraphModule, node: fx.Node, name: str, a: fx.Node, b: Optional[fx.Node], stored: tuple) -> Linear:
     w, dtype, dead = stored
     # Siblings each view the same source: group by the source.
     x = a.args[0] if a.op == "call_function" and a.target in _VIEWS and isinstance(a.args[0], fx.Node) else a
     dead = (*dead, a) if x is not a else dead
     if dtype is None:
-        return make(node, x, w, b, name, dead=dead)
-    out = _output_view(gm, node, value_of(gm, w).shape[0], value_of) or node
-    return _dequantized(gm, node, out, x, w, b, dtype, dead, name, value_of, make)
+        return Linear(node, x, w, b, name, dead=dead)
+    out = _output_view(gm, node, value_of(gm, w).shape[0]) or node
+    return _dequantized(gm, node, out, x, w, b, dtype, dead, name)
 
 
 def _dequantized(gm: fx.GraphModule, gemm: fx.Node, out: fx.Node, x: fx.Node, w: fx.Node, b: Optional[fx.Node],
-                 dtype: torch.dtype, dead: tuple, name: str, value_of: Callable, make: Callable) -> "Linear":
+                 dtype: torch.dtype, dead: tuple, name: str) -> Linear:
     """A GEMM over ``w.to(dtype)``: with its bias inside, or followed (from
     `out`, the GEMM or its view back) by per-channel scales and maybe a bias,
     found as at the torch level."""
     v = value_of(gm, w)
-    scaled = _scaled(gm, out, v.shape[0]) if b is None and v.dim() == 2 else None
-    if scaled is None:
-        return make(gemm, x, w, b, name, dead=dead, cast=dtype)
-    result, s, b, more = scaled
-    return make(result, x, w, b, name, reads=gemm, dead=(*dead, gemm, *more), cast=dtype, scale=s)
+    found = scaled(gm, out, v.shape[0]) if b is None and v.dim() == 2 else None
+    if found is None:
+        return Linear(gemm, x, w, b, name, dead=dead, cast=dtype)
+    result, s, b, more = found
+    return Linear(result, x, w, b, name, reads=gemm, dead=(*dead, gemm, *more), cast=dtype, scale=s)
 
 
-def is_aten_group(members: list["Linear"]) -> bool:
+def is_aten_group(members: list[Linear]) -> bool:
     return isinstance(members[0].node.target, torch._ops.OpOverload)
 
 
-def emit_cast(graph: fx.Graph, member: "Linear", weight: fx.Node) -> fx.Node:
+def emit_cast(graph: fx.Graph, member: Linear, weight: fx.Node) -> fx.Node:
     """`weight` cast the way `member` casts its own (the same op: prims for
     Inductor, aten.to or aten._to_copy for export)."""
     own = next(n for n in member.dead if _cast_of(n) is not None)
     return graph.call_function(own.target, (weight, *own.args[1:]), dict(own.kwargs))
 
 
-def emit_aten(graph: fx.Graph, members: list["Linear"], x: fx.Node, weight: fx.Node,
+def emit_aten(graph: fx.Graph, members: list[Linear], x: fx.Node, weight: fx.Node,
               bias: Optional[fx.Node], width: int) -> list[fx.Node]:
     """Insert the fused GEMM (at the graph's insert point) in the members'
     dialect; return it, followed by the view back to the members' leading dims

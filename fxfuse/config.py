@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
-    from .match import Group
+    from .forms import Group
 
 __all__ = ["FuseConfig", "WEIGHT_MODES", "check_option_names"]
 

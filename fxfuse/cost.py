@@ -35,7 +35,7 @@ import torch
 from torch import fx
 
 from .legality import Reason, check_rows, static_rows
-from .match import Linear, value_of
+from .forms import Linear, value_of
 
 if TYPE_CHECKING:
     from .config import FuseConfig

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .legality import Reason, _storage, changes_state, mutated_args, written_nodes
-from .match import Linear, value_of
+from .forms import Linear, value_of
 
 __all__ = ["share_producers"]
 

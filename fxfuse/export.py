@@ -17,7 +17,7 @@ state dict, so the program holds no second copy. The new parameters are named
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import fx
@@ -26,7 +26,9 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from .config import FuseConfig
 from .fuse import _fuse
-from .match import Group
+from .forms import Group, stored_operands
+from .legality import Reason, check_per_call_concat
+from .qforms import ACCESS
 from .report import FuseReport
 from .weights import concat_rows
 
@@ -58,32 +60,51 @@ class _ExportedWeights:
         self.new_state: dict[str, torch.Tensor] = {}
         self.count = 0
 
-    def _tensor(self, op: Any) -> Optional[torch.Tensor]:
-        spec = self.spec_of.get(op.name) if isinstance(op, fx.Node) and op.op == "placeholder" else None
-        if spec is None or spec.kind not in _STORED or len(_readers(op)) != 1:
+    def _stored(self, op: Any) -> Optional[tuple[fx.Node, str, Optional[str]]]:
+        """(placeholder, its state-dict target, inner tensor name or None) for a
+        parameter or buffer the program reads only here; a torchao weight's
+        inner tensor is read through ``access_subclass_inner_tensor``."""
+        inner = None
+        if isinstance(op, fx.Node) and ACCESS is not None and op.target is ACCESS:
+            if len(_readers(op)) != 1:
+                return None
+            op, inner = op.args[0], op.args[1]
+        elif not (isinstance(op, fx.Node) and len(_readers(op)) == 1):
             return None
-        t = self.ep.state_dict.get(spec.target)  # type: ignore[arg-type]
+        spec = self.spec_of.get(op.name) if op.op == "placeholder" else None
+        if spec is None or spec.kind not in _STORED:
+            return None
+        return op, spec.target, inner  # type: ignore[return-value]
+
+    def _tensor(self, op: Any) -> Optional[torch.Tensor]:
+        found = self._stored(op)
+        if found is None:
+            return None
+        t = self.ep.state_dict.get(found[1])
+        t = getattr(t, found[2], None) if found[2] is not None else t
         return t if isinstance(t, torch.Tensor) else None
 
-    def __call__(self, gm: fx.GraphModule, group: Group) -> Optional[dict[str, fx.Node]]:
+    def __call__(self, gm: fx.GraphModule, group: Group) -> Union[dict[str, fx.Node], Reason, None]:
         if len(group.members) < 2:
             return None
         nodes: dict[str, fx.Node] = {}
         plans = []
-        for kind in ("weight", "bias", "scale"):
-            ops = [getattr(m, kind) for m in group.members]
+        for kind in stored_operands(group.members[0]):
+            ops = [stored_operands(m)[kind] for m in group.members]
             if all(o is None for o in ops):
                 continue
             tensors = [None if o is None else self._tensor(o) for o in ops]
             if any(o is not None and t is None for o, t in zip(ops, tensors)):
-                return None  # computed in the graph, or read elsewhere: concatenate in the graph
+                # Computed in the graph, or read elsewhere: concatenate in the
+                # graph, except torchao's rows (check_per_call_concat).
+                return check_per_call_concat(gm, group) if group.members[0].form is not None else None
             plans.append((kind, ops, tensors))
         for kind, ops, tensors in plans:
             fused = concat_rows(tensors, group.widths)
             target = f"fxfuse.fused_{self.count}.{kind}"
             nodes[kind] = self._add_parameter(target, fused, ops)
             self.new_state[target] = torch.nn.Parameter(fused, requires_grad=False)
-            self.replaced.update(self.spec_of[o.name].target for o in ops if o is not None)  # type: ignore[misc]
+            self.replaced.update(self._stored(o)[1] for o in ops if o is not None)  # type: ignore[index]
         self.count += 1
         return nodes
 
@@ -135,19 +156,28 @@ def fuse_exported(ep: ExportedProgram, **options: Any) -> ExportedProgram:
     specs = list(ep.graph_signature.input_specs)
     source = _ExportedWeights(gm, ep, specs)
     report: FuseReport = _fuse(gm, config, source)
-    # Members read through a fused parameter leave the program.
+    # Members read through a fused parameter leave the program (a torchao
+    # weight once none of its inner tensors is read any more).
+    gone = set()
     for node in list(gm.graph.find_nodes(op="placeholder")):
         spec = source.spec_of.get(node.name)
-        if spec is not None and spec.target in source.replaced and not _readers(node):
+        if spec is None or spec.target not in source.replaced:
+            continue
+        for access in [u for u in node.users if ACCESS is not None and u.target is ACCESS and not _readers(u)]:
+            for check in list(access.users):
+                gm.graph.erase_node(check)
+            gm.graph.erase_node(access)
+        if not _readers(node):
             for check in list(node.users):
                 gm.graph.erase_node(check)
             gm.graph.erase_node(node)
             specs.remove(spec)
+            gone.add(spec.target)
     gm.recompile()
     signature = copy.copy(ep.graph_signature)
     signature.input_specs = specs
     signature.output_specs = _renamed_outputs(gm, signature.output_specs)
-    state = {k: v for k, v in ep.state_dict.items() if k not in source.replaced}
+    state = {k: v for k, v in ep.state_dict.items() if k not in gone}
     state.update(source.new_state)
     fused = ep._update(gm, signature, state_dict=state)
     fused.fxfuse_report = report  # type: ignore[attr-defined]

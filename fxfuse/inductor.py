@@ -44,7 +44,7 @@ from .cache import LEDGER, Recorder, has_tangents, publish, source_hash
 from .config import FuseConfig
 from .fuse import _fuse
 from .legality import Reason, check_per_call_concat
-from .match import Group, value_of
+from .forms import Group, stored_operands, value_of
 from .report import FuseReport
 from .weights import concat_rows
 
@@ -157,8 +157,8 @@ class _Constants:
         if not isinstance(group.members[0].node.target, torch._ops.OpOverload):
             return None
         plans = []
-        for kind in ("weight", "bias", "scale"):
-            ops = [getattr(m, kind) for m in group.members]
+        for kind in stored_operands(group.members[0]):
+            ops = [stored_operands(m)[kind] for m in group.members]
             if all(o is None for o in ops):
                 continue
             if not all(o is None or (isinstance(o, fx.Node) and o.op == "get_attr" and len(o.users) == 1)
@@ -196,7 +196,8 @@ def _expose_frozen_weights(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, f
     post-grad graph reads ``mm(x, c)`` with c of shape [K, N]. Present each
     such constant as ``permute(c.t(), [1, 0])`` (a view: no copy), so that the
     matcher sees the weight [N, K] it knows. Returns (c, c.t(), permute)."""
-    mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    # torchao's dynamic int8 linear is an _int_mm over the frozen int8 weight.
+    mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._int_mm.default)
     made = []
     for node in list(gm.graph.nodes):
         c = node.args[-1] if node.op == "call_function" and node.target in mms else None

@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from . import quantized, weights
 from .legality import Reason, check_per_call_concat
-from .match import Group, Operand
+from .forms import Group, Operand
 from .weights import Storage, concat_rows, storage_for
 
 __all__ = ["FusedInputs", "copy_graph_module"]

@@ -20,7 +20,7 @@ from torch import fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import quantized
-from .match import Group, Linear, Operand, value_of
+from .forms import Group, Linear, Operand, value_of
 
 __all__ = [
     "Reason", "check_member", "incompatibility", "check_independent", "insertion_point", "check_no_mutation",
@@ -121,6 +121,8 @@ def check_member(gm: fx.GraphModule, lin: Linear, allow_grad: bool) -> Optional[
     w = value_of(gm, lin.weight)
     if not isinstance(w, torch.Tensor):
         return Reason.UNKNOWN_WEIGHT
+    if lin.form is not None and lin.form.refusal is not None:
+        return Reason(lin.form.refusal)  # a torchao form recognised in order to say why not
     if not _is_plain(w):
         reason = _check_quantized(gm, w)
         if reason is not None:
@@ -169,8 +171,12 @@ def incompatibility(gm: fx.GraphModule, a: Linear, b: Linear) -> Optional[Reason
     """Why `b` cannot share a GEMM with `a` (both passed `check_member`)."""
     wa, wb = value_of(gm, a.weight), value_of(gm, b.weight)
     assert isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor)
-    if _is_plain(wa) != _is_plain(wb):
+    if _is_plain(wa) != _is_plain(wb) or (a.form is None) != (b.form is None):
         return Reason.QUANT_MISMATCH
+    if a.form is not None and a.form.signature != b.form.signature:
+        # Other ops, dtypes or constants around the GEMM (weight-only next to
+        # dynamic activations), or another activation scale node.
+        return Reason.QUANT_METADATA_MISMATCH
     if not _is_plain(wa):
         why = quantized.mismatch(wa, wb)
         if why is not None:
@@ -466,6 +472,8 @@ def check_per_call_concat(gm: fx.GraphModule, group: Group) -> Optional[Reason]:
     weight once more. Inductor's int8 lowering on CUDA also asserts on a
     weight that is a concatenation rather than a buffer (torch 2.11)."""
     for m in group.members:
+        if m.form is not None:  # torchao's aten forms: int8 or float8 rows
+            return Reason.QUANT_CONCAT_PER_CALL
         w = value_of(gm, m.weight)
         if m.cast is not None and isinstance(w, torch.Tensor) and not w.is_floating_point():
             return Reason.QUANT_CONCAT_PER_CALL

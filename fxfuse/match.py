@@ -21,95 +21,26 @@ input, in graph order, so the pass is deterministic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import builtins
 import operator
-import re
 
 import torch
 from torch import fx
 
+from .aten import as_aten_linear
+from .forms import Group, Linear, Operand, module_path as _module_path, scaled as _scaled, value_of
+
 __all__ = ["Linear", "Group", "Operand", "find_linears", "count_linears", "siblings", "value_of"]
 
-# A weight or bias: a graph node, or the qualified name of a module attribute
-# (the weight of a call_module nn.Linear is not a node of the graph).
-Operand = Union[fx.Node, str]
-
 LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
-
-
-@dataclass
-class Linear:
-    """One linear call site: ``node = linear(input, weight, bias)``."""
-
-    node: fx.Node
-    input: fx.Node
-    weight: Operand
-    bias: Optional[Operand]
-    name: str  # the module path in the user's model, e.g. "layers.0.attention.wq"
-    # Where input and weight are read: `node` itself, or the matmul of
-    # ``x @ w.T + b`` whose result `node` adds the bias to.
-    reads: Optional[fx.Node] = None
-    # Nodes that only served this call (the matmul, the transpose): erased
-    # with it when nothing else uses them.
-    dead: tuple[fx.Node, ...] = ()
-    cast: Optional[torch.dtype] = None  # ``w.to(cast)`` before the GEMM
-    scale: Optional[Operand] = None  # per-output-channel scales after the GEMM
-
-    def __post_init__(self) -> None:
-        if self.reads is None:
-            self.reads = self.node
-
-    @property
-    def operands(self) -> list[Operand]:
-        return [o for o in (self.weight, self.bias, self.scale) if o is not None]
-
-
-@dataclass
-class Group:
-    """Sibling linears that will become one GEMM (a plain struct: no logic)."""
-
-    input: fx.Node
-    members: list[Linear]  # distinct (weight, bias) pairs, one GEMM slice each
-    widths: list[int] = field(default_factory=list)  # out_features per member
-    # Exact duplicates (same input, weight and bias as members[i]): computed once.
-    duplicates: list[tuple[Linear, int]] = field(default_factory=list)
-
-    @property
-    def calls(self) -> list[Linear]:
-        return self.members + [d for d, _ in self.duplicates]
-
-    @property
-    def names(self) -> list[str]:
-        return [m.name for m in self.calls]
-
-
-_ROOT = re.compile(r"^L\[[^\]]*\](\[[^\]]*\])*\.?")
-
-
-def _module_path(node: fx.Node) -> Optional[str]:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    # Dynamo spells the root "L['self']", or "L['args'][0]" when the model was
-    # entered through a wrapper; drop it, keep the module path.
-    path = _ROOT.sub("", path)
-    # Below it, Dynamo writes the sources it read: "__dict__['_modules']['down_blocks'].0"
-    # or "_modules['x']" or "layers[0]". Users know the dotted name that
-    # named_modules() gives (down_blocks.0): write that.
-    path = re.sub(r"\.?(?:__dict__\[['\"]_modules['\"]\]|_modules)?\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
-    return path.lstrip(".") or None
 
 
 def as_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
     """The `Linear` view of `node`, or None if it is not a recognised linear."""
     if isinstance(node.target, torch._ops.OpOverload):
-        from .aten import as_aten_linear
-
-        return as_aten_linear(gm, node, value_of, Linear, _module_path)
+        return as_aten_linear(gm, node)
     if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
         args = list(node.args) + [None] * (3 - len(node.args))
         x = node.kwargs.get("input", args[0])
@@ -163,40 +94,6 @@ def _as_dequant_linear(
         return Linear(node, x, w, b, name, dead=(wc,), cast=dtype)
     out, s, b, dead = scaled
     return Linear(out, x, w, b, name, reads=node, dead=(wc, *dead), cast=dtype, scale=s)
-
-
-def _per_channel(gm: fx.GraphModule, n: object, width: int) -> bool:
-    v = value_of(gm, n) if isinstance(n, fx.Node) else None
-    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == width
-
-
-def _other_operand(user: fx.Node, node: fx.Node, ops: tuple) -> Optional[object]:
-    """The other operand of a binary ``user = node <op> other`` (op in `ops`)."""
-    if user.op != "call_function" or user.target not in ops or user.kwargs or len(user.args) != 2:
-        return None
-    args = list(user.args)
-    return args[1 - args.index(node)] if node in args else None
-
-
-# Torch-level and aten spellings: aten.py finds the scales of aten GEMMs here too.
-_MULS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
-_ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
-
-
-def _scaled(gm: fx.GraphModule, node: fx.Node, width: int) -> Optional[tuple]:
-    """(result, scales, bias, dead) for ``node * s (+ b)``, or None."""
-    if len(node.users) != 1:
-        return None
-    (mul,) = node.users
-    s = _other_operand(mul, node, _MULS)
-    if not _per_channel(gm, s, width):
-        return None
-    if len(mul.users) == 1:  # a bias added after the scale
-        (add,) = mul.users
-        bias = _other_operand(add, mul, _ADDS)
-        if _per_channel(gm, bias, width):
-            return add, s, bias, (node, mul)
-    return mul, s, None, (node,)
 
 
 _MATMULS = (operator.matmul, torch.matmul)
@@ -278,25 +175,3 @@ def siblings(linears: list[Linear]) -> list[list[Linear]]:
     for lin in linears:
         by_input.setdefault(lin.input, []).append(lin)
     return [sibs for sibs in by_input.values() if len(sibs) > 1]
-
-
-def value_of(gm: fx.GraphModule, operand: Operand) -> object:
-    """The tensor an operand stands for: a fake value from the node's meta, a
-    real attribute for get_attr / module weights, or None if unknown."""
-    if isinstance(operand, str):
-        return _get_attr(gm, operand)
-    if operand.op == "get_attr" and isinstance(operand.target, str):
-        return _get_attr(gm, operand.target)
-    for key in ("val", "example_value"):
-        if key in operand.meta:
-            return operand.meta[key]
-    return None
-
-
-def _get_attr(gm: fx.GraphModule, qualname: str) -> object:
-    obj: object = gm
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj

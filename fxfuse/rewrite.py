@@ -23,7 +23,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from . import legality, transaction
 from .aten import emit_aten, emit_cast, is_aten_group
-from .match import Group, Operand, value_of
+from .forms import Group, Operand, stored_operands, value_of
+from .qforms import emit_form
 
 __all__ = ["fuse_group", "SPLIT_SIZES_KEY"]
 
@@ -118,11 +119,12 @@ def fuse_group(
     def stacked(kind: str) -> Optional[fx.Node]:
         if kind in given:
             return given[kind]
-        ops = [getattr(m, kind) for m in members]
+        ops = [stored_operands(m)[kind] for m in members]
         if all(o is None for o in ops):
             return None
         if len(members) == 1:
             return _operand_node(graph, ops[0])
+        tail = tuple(value_of(gm, next(o for o in ops if o is not None)).shape[1:])  # type: ignore[union-attr]
         nodes, dtype = [], out_dtype
         for m, o, n in zip(members, ops, group.widths):
             if o is None:  # a missing bias counts as zeros of that member's width
@@ -132,16 +134,20 @@ def fuse_group(
                 nodes.append(_operand_node(graph, o))
                 dtype = getattr(value_of(gm, o), "dtype", dtype)
         cat = dialect["cat"](graph, nodes)
-        made.append((cat, (n_total, *k_dims) if kind == "weight" else (n_total,), dtype))
+        made.append((cat, (n_total, *tail), dtype))
         return cat
 
     with graph.inserting_before(anchor):
         weight, bias, scale = stacked("weight"), stacked("bias"), stacked("scale")
+        extra = {k: stacked(k) for k in stored_operands(ref) if k.startswith("extra_")}
         transaction.checkpoint("concat")
-        if ref.cast is not None:
-            weight = dialect["cast"](graph, ref, weight)
-            made.append((weight, (n_total, *k_dims), ref.cast))
-        chain = dialect["gemm"](graph, members, group.input, weight, bias if scale is None else None, n_total)
+        if ref.form is not None:  # torchao's aten forms: the member's subgraph, once
+            chain = emit_form(graph, ref, {"weight": weight, **extra}, n_total)  # type: ignore[dict-item]
+        else:
+            if ref.cast is not None:
+                weight = dialect["cast"](graph, ref, weight)
+                made.append((weight, (n_total, *k_dims), ref.cast))
+            chain = dialect["gemm"](graph, members, group.input, weight, bias if scale is None else None, n_total)
         fused = chain[0]
         if scale is not None:  # dequantized: the scales, then the bias, apply to the GEMM's result
             chain.append(dialect["mul"](graph, chain[-1], scale))
@@ -280,13 +286,15 @@ def _set_values(gm: fx.GraphModule, group: Group, key: str, made: list, fused: f
                 n.meta[key] = _fake_empty(ref, (w.shape[1], w.shape[0]), w.dtype)[0]
     # The fused output has the members' leading dims (2-D for aten mm/addmm);
     # the GEMM those of the members' own GEMM (2-D before an aten view back).
+    # A torchao form's copies have theirs already (qforms.emit_form).
     n_total = sum(group.widths)
-    gemm = group.members[0].reads.meta.get(key)  # type: ignore[union-attr]
-    gemm = gemm if isinstance(gemm, FakeTensor) else ref
     shape = (*ref.shape[:-1], n_total)
-    chain[0].meta[key] = _fake_empty(ref, (*gemm.shape[:-1], n_total), gemm.dtype)[0]
-    for n in chain[1:]:
-        n.meta[key] = _fake_empty(ref, shape, ref.dtype)[0]
+    if group.members[0].form is None:
+        gemm = group.members[0].reads.meta.get(key)  # type: ignore[union-attr]
+        gemm = gemm if isinstance(gemm, FakeTensor) else ref
+        chain[0].meta[key] = _fake_empty(ref, (*gemm.shape[:-1], n_total), gemm.dtype)[0]
+        for n in chain[1:]:
+            n.meta[key] = _fake_empty(ref, shape, ref.dtype)[0]
     if parts is None:  # one distinct member: its output is the chain's end
         return
     _, *pieces = _fake_empty(ref, shape, ref.dtype, list(group.widths))
