@@ -142,20 +142,24 @@ class Backend:
         placeholders back to the frame afterwards) and compile the copy."""
         work = copy_graph_module(gm)
         inputs = FusedInputs(work, list(example_inputs)) if self.config.weights == "auto" else None
+        untouched = inputs.snapshot() if inputs is not None else None
         # Dynamo traced under the grad mode the graph will run under.
         report = _fuse(work, self.config, inputs, runs_with_grad=torch.is_grad_enabled())
         # (A failed rewrite was undone, fused placeholders included.)
         stored = inputs is not None and bool(inputs.slots) and not report.errors
         keep = inputs.prune() if stored else list(range(len(example_inputs)))
-        args = [example_inputs[i] for i in keep] + (inputs.extra if stored else [])
+        args = [example_inputs[i] for i in keep] + (inputs.added() if stored else [])
         try:
             compiled = inner(work, args)
         except Exception as e:  # noqa: BLE001 - the user's compile must go on
             if self.config.strict or not report.groups:
                 raise  # strict, or not the fusion's doing: the same graph would fail unfused
-            # The inner compiler rejects the fused graph: compile Dynamo's own
-            # (its weights may now be views of a storage, which it reads as any tensor).
+            # The inner compiler rejects the fused graph: compile Dynamo's own,
+            # with the weights back in their own memory, as Dynamo saw them
+            # (its fakes of a quantized weight's inner tensors carry their offsets).
             log.warning("fxfuse: the inner compiler failed on the fused graph: %r; compiling it unfused", e)
+            if inputs is not None:
+                inputs.rollback(untouched)
             n = count_linears(gm)
             failed = FuseReport(before=n, after=n, graphs=1, skipped=report.skipped, errors=[repr(e)])
             failed.skipped[Reason.ERROR.value] += sum(len(g.members) for g in report.groups)

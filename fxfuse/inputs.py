@@ -10,6 +10,10 @@ graph with the kept arguments and the fused tensors. The new placeholders are
 marked as static inputs, so CUDA graphs read them in place instead of copying
 them per replay; dropping the members also means fewer inputs to check.
 
+torchao int4 weights keep their scales with the output channels in dim 1,
+which no row view can share: the graph takes each member's scale tensor as
+one more static input and joins them itself (quantized.with_columns).
+
 The rewrite happens on a copy of Dynamo's graph: Dynamo maps the placeholders
 of its own graph back to the frame's values after the backend returns.
 """
@@ -88,6 +92,10 @@ class FusedInputs:
         self.extra: list[Tensor] = []
         self.members: list[fx.Node] = []  # placeholders now read through a storage
         self.local: set[int] = set()  # arguments that are DTensors: their local tensor is stored
+        # torchao int4: (argument, inner tensor name) the graph joins itself on every call,
+        # one placeholder each, after the fused tensors' ones (`_fused_tail` is the last of those).
+        self.columns: list[tuple[int, str]] = []
+        self._fused_tail = self.placeholders[-1] if self.placeholders else None
         gm.meta[quantized.JOINS_KEY] = True  # torchao weights: their inner tensors are stored
 
     def _arg(self, op: Optional[Operand]) -> Optional[int]:
@@ -125,6 +133,9 @@ class FusedInputs:
             return check_per_call_concat(gm, group)
         idx, storages = stored
         nodes = {k: self._add_input(st, idx[k], group) for k, st in storages.items()}
+        for k, st in storages.items():
+            if isinstance(st, quantized.SubclassStorage) and st.columns:
+                nodes[k] = self._join_in_graph(nodes[k], st, idx[k], group)
         self.members += [self.placeholders[i] for ix in idx.values() for i in ix if i is not None]
         return nodes
 
@@ -144,46 +155,88 @@ class FusedInputs:
         return idx, storages
 
     def _add_input(self, st: Storage, idx: list, group: Group) -> fx.Node:
-        from torch._dynamo.source import ConstantSource
         from torch._guards import TracingContext
 
-        graph = self.gm.graph
-        last = list(graph.find_nodes(op="placeholder"))[-1]
-        name = f"fxfuse_fused_{len(self.slots)}"
-        with graph.inserting_after(last):
-            node = graph.placeholder(name)
-        node._dynamo_source = ConstantSource(name)  # type: ignore[attr-defined]
-        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-        member_val = group.members[0].node.meta.get("example_value")
-        if isinstance(member_val, FakeTensor):
-            node.meta["example_value"] = member_val.fake_mode.from_tensor(st.fused, static_shapes=True)
+        node = self._placeholder(f"fxfuse_fused_{len(self.slots)}", st.fused, group, after=self._fused_tail)
+        self._fused_tail = node
         ctx = TracingContext.try_get()
         if ctx is not None and isinstance(st, quantized.SubclassStorage):
             ctx.tensor_to_context[st.fused] = quantized.static_context(st.fused, node._dynamo_source)  # type: ignore[attr-defined]
-        if ctx is not None and ctx.fake_mode is not None:
-            # Fakify now, with static shapes: Inductor's later fakification
-            # of this input finds this one instead of inventing symbols.
-            ctx.fake_mode.from_tensor(st.fused, static_shapes=True)
-        st.fused._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
+        self._fakify(st.fused)
         self.slots.append(_Slot(list(idx), list(group.widths), st))
         self.extra.append(st.fused)
         return node
 
+    def _placeholder(self, name: str, t: Tensor, group: Group, after: Optional[fx.Node] = None) -> fx.Node:
+        """A new static input of the graph, after `after` (default: the last one)."""
+        from torch._dynamo.source import ConstantSource
+
+        graph = self.gm.graph
+        with graph.inserting_after(after or list(graph.find_nodes(op="placeholder"))[-1]):
+            node = graph.placeholder(name)
+        node._dynamo_source = ConstantSource(name)  # type: ignore[attr-defined]
+        # Static: CUDA graphs read it in place instead of copying it per replay.
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        t._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
+        member_val = group.members[0].node.meta.get("example_value")
+        if isinstance(member_val, FakeTensor):
+            node.meta["example_value"] = member_val.fake_mode.from_tensor(t, static_shapes=True)
+        return node
+
+    @staticmethod
+    def _fakify(t: Tensor) -> None:
+        from torch._guards import TracingContext
+
+        ctx = TracingContext.try_get()
+        if ctx is not None and ctx.fake_mode is not None:
+            # Fakify now, with static shapes: Inductor's later fakification
+            # of this input finds this one instead of inventing symbols.
+            ctx.fake_mode.from_tensor(t, static_shapes=True)
+
+    def _join_in_graph(self, fused: fx.Node, st: "quantized.SubclassStorage", idx: list, group: Group) -> fx.Node:
+        """The fused weight with the inner tensors whose rows are not dim 0
+        (int4's scales) joined in the graph from the members' own, which the
+        graph takes as inputs: read on every call, so never stale, and no copy
+        outside the compiled graph (quantized.with_columns)."""
+        graph = self.gm.graph
+        parts = []
+        for k in st.columns:
+            nodes = []
+            for i in idx:
+                t = getattr(self.example_inputs[i], k)
+                nodes.append(self._placeholder(f"fxfuse_column_{len(self.columns)}", t, group))
+                self._fakify(t)
+                self.columns.append((i, k))
+            parts.append(tuple(nodes))
+        first_op = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first_op):
+            node = graph.call_function(
+                quantized.with_columns, (fused, tuple(st.columns), tuple(st.columns.values()), tuple(parts)))
+        if "example_value" in fused.meta:  # the same class, shape and metadata
+            node.meta["example_value"] = fused.meta["example_value"]
+        return node
+
+    def added(self) -> list[Tensor]:
+        """The values of the placeholders the rewrite added, in their order:
+        the fused tensors, then the members' inner tensors the graph joins."""
+        return self.extra + [getattr(self.example_inputs[i], k) for i, k in self.columns]
+
     def snapshot(self) -> tuple:
         """What `rollback` restores: the pass calls it before a rewrite."""
         existing = {id(s) for s in list(weights._REGISTRY.values())}
-        return len(self.slots), len(self.extra), len(self.members), frozenset(self.local), existing
+        return (len(self.slots), len(self.extra), len(self.members), frozenset(self.local), existing,
+                len(self.columns), self._fused_tail)
 
     def rollback(self, state: tuple) -> None:
         """Forget the fused inputs added since `snapshot` (their placeholders
         are erased with the rest of a failed rewrite), and give the members of
         storages made since then their own memory back."""
-        slots, extra, members, local, existing = state
+        slots, extra, members, local, existing, columns, self._fused_tail = state
         for slot in self.slots[slots:]:
             st = slot.ref()
             if st is not None and id(st) not in existing:
                 weights.release(st)
-        del self.slots[slots:], self.extra[extra:], self.members[members:]
+        del self.slots[slots:], self.extra[extra:], self.members[members:], self.columns[columns:]
         self.local = set(local)
 
     def prune(self) -> list[int]:
@@ -216,9 +269,7 @@ class FusedInputs:
         checked = [i for slot in slots for i in slot.arg_index if i is not None and i not in inner]
         checked += range(n_args, end)
         inner_names = [(i, n) for i, names in inner.items() for n in names]
-        # torchao int4: scales joined along a dim other than 0 are rewritten on
-        # every call, from the members' own tensors (quantized.SubclassStorage).
-        columns = [slot for slot in slots if isinstance(st := slot.ref(), quantized.SubclassStorage) and st.columns]
+        columns = list(self.columns)  # torchao int4: inner tensors the graph joins itself
         local = sorted(self.local)  # DTensor arguments: check their local tensors
         same_ptrs = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _same_ptrs)
         take = operator.itemgetter(*keep) if len(keep) > 1 else (lambda a: tuple(a[i] for i in keep))
@@ -252,10 +303,9 @@ class FusedInputs:
             if ptrs is not None and same_ptrs(tensors, ptrs, checked):
                 fused = [r() for r in state[1]]
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
-                fused = refresh(args)  # (joins the columns itself)
-            elif not all(st is None or st.join_columns([args[i] for i in slot.arg_index])
-                         for slot in columns for st in (slot.ref(),)):
-                fused = refresh(args)  # a member's scales now have another shape: a new storage
+                fused = refresh(args)
+            if columns:
+                fused = [*fused, *(getattr(args[i], k) for i, k in columns)]
             # Dynamo calls a backend's result unpacked, whatever `_boxed_call` says.
             return compiled(*take(args), *fused)
 

@@ -44,11 +44,12 @@ member's rows in a joined tensor are a strided slice: not contiguous, which
 torchao's linear asserts for the member's own calls, and no other layout
 makes both the members' and the fused tensor contiguous. Nor can a copy be
 checked for staleness (an edit through ``.data`` leaves the version counter
-alone). So the members keep their own tensors, and the fused tensor's one is
-a buffer that `SubclassStorage.join_columns` rewrites from the members on
-every call (one ``cat`` per group: small, K/group * n * 2 values against the
-K * n / 2 bytes of packed data): exact and never stale, at the cost of that
-buffer's memory and one copy per call.
+alone). So the members keep their own tensors, and the compiled graph joins
+them on every call (`with_columns`: one ``cat`` per group, inside the graph,
+so inside its CUDA graph too; small: K/group * n * 2 values against the
+K * n / 2 bytes of packed data). The fused tensor's own inner tensor there
+is a placeholder of the right shape that holds no memory and is never read:
+exact and never stale, with no extra memory and no host work per call.
 
 Refused, with a reason (legality.py): a class whose inner layout is not
 known here (torchao's plain and preshuffled int4 formats, whose kernels need
@@ -72,7 +73,7 @@ from .weights import Storage, concat_rows, storage_for
 
 __all__ = [
     "JOINS_KEY", "LAYOUTS", "Rows", "SubclassStorage", "is_quantized_subclass", "join_rows", "mismatch",
-    "row_problem", "static_context", "subclass_storage_for",
+    "row_problem", "static_context", "subclass_storage_for", "with_columns",
 ]
 
 # Set in a graph's meta by a weight source that stores joined rows (the
@@ -214,10 +215,11 @@ class SubclassStorage:
     """One group's quantized weights as one tensor of their class. Its inner
     tensors whose rows are dim 0 each live in one `Storage` (the members'
     inner tensors are row views of them); those joined along another dim
-    are buffers rewritten from the members on every call (`join_columns`;
-    see the module docstring). Same interface as `Storage` where `_Slot` and
-    `FusedInputs.wrap` use it; `names` are the stored inner tensors, and
-    `ptrs` holds, per member, their expected data pointers in that order."""
+    (`columns`: name -> dim) the compiled graph joins from the members' own
+    on every call (`with_columns`; see the module docstring). Same interface
+    as `Storage` where `_Slot` and `FusedInputs.wrap` use it; `names` are the
+    stored inner tensors, and `ptrs` holds, per member, their expected data
+    pointers in that order."""
 
     def __init__(self, parts: dict[str, Storage], members: Sequence[Tensor], widths: Sequence[int]) -> None:
         ref = members[0]
@@ -228,10 +230,16 @@ class SubclassStorage:
         self.metadata = _metadata(ctx)
         layout = _layout(ref)
         self.columns = {k: layout[k].dim for k in self.all_names if k not in parts}
-        with torch.no_grad():
-            joined = {k: torch.cat([getattr(m, k) for m in members], dim=d) for k, d in self.columns.items()}
-        self.fused = _build(ref, {**{k: st.fused for k, st in parts.items()}, **joined}, sum(widths))
-        # What `join_columns` expects of each member's tensors, checked per call.
+        # Stand-ins of the joined shape that hold no memory: the graph reads
+        # the members' own tensors instead (`with_columns`).
+        unread = {}
+        for k, d in self.columns.items():
+            t = getattr(ref, k)
+            shape = list(t.shape)
+            shape[d] = sum(getattr(m, k).shape[d] for m in members)
+            unread[k] = t.new_empty(()).expand(shape)
+        self.fused = _build(ref, {**{k: st.fused for k, st in parts.items()}, **unread}, sum(widths))
+        # What the compiled graph expects of each member's column tensors.
         self._column_meta = [[(getattr(m, k).shape, getattr(m, k).dtype) for k in self.columns] for m in members]
 
     @property
@@ -250,29 +258,23 @@ class SubclassStorage:
             and all(getattr(m, k).device == device for k in self.columns for m in members)
         )
 
-    def join_columns(self, members: Sequence[Optional[Tensor]]) -> bool:
-        """Rewrite the inner tensors joined along a dim other than 0 from the
-        members' current ones. False, writing nothing, when one of those no
-        longer has the shape and dtype it had (a replaced inner tensor):
-        `cat` would resize the buffer, so the caller must find a new storage."""
-        if not self.columns:
-            return True
-        current = [[getattr(m, k) for k in self.columns] for m in members]
-        if any((t.shape, t.dtype) != meta for ts, metas in zip(current, self._column_meta)
-               for t, meta in zip(ts, metas)):
-            return False
-        with torch.no_grad():
-            for j, (k, d) in enumerate(self.columns.items()):
-                torch.cat([ts[j] for ts in current], dim=d, out=getattr(self.fused, k))
-        return True
-
     def current(self, members: Sequence[Optional[Tensor]]) -> Tensor:
         """The fused tensor, after copying back any inner tensor that moved."""
         for k, st in self.parts.items():
             st.current([getattr(m, k) for m in members])
-        joined = self.join_columns(members)
-        assert joined, "fits() held: the members' column tensors have their shapes"
         return self.fused
+
+
+def with_columns(fused: Tensor, names: tuple, dims: tuple, columns: tuple) -> Tensor:
+    """`fused` with its inner tensors `names` replaced by the members' own,
+    `columns[i]`, joined along `dims[i]`. Called inside the compiled graph
+    (the backend inserts it; see inputs.py), which reads the members' tensors
+    on every call: never stale, and the join is one kernel of that graph."""
+    inner_names, ctx = _flatten(fused)
+    inner = {k: getattr(fused, k) for k in inner_names}
+    for k, d, parts in zip(names, dims, columns):
+        inner[k] = torch.cat(list(parts), dim=d)
+    return type(fused).__tensor_unflatten__(inner, ctx, fused.shape, fused.stride())  # type: ignore[attr-defined]
 
 
 def static_context(t: Tensor, source: object) -> object:

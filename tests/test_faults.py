@@ -138,3 +138,29 @@ def test_fault_gives_weights_their_own_memory_back(step, monkeypatch):
     params = list(model.parameters())
     assert not any(_REGISTRY.get(p) is not None for p in params)
     assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
+
+
+def fails_on_fused_graphs(gm, example_inputs):
+    """An inner compiler that rejects any graph fxfuse gave fused inputs."""
+    if any(str(n.target).startswith("fxfuse_fused") for n in gm.graph.find_nodes(op="placeholder")):
+        raise Injected("inner compiler: no fused graphs")
+    return gm.forward
+
+
+def test_inner_compiler_failure_gives_weights_their_own_memory_back():
+    """The inner compiler rejects the fused graph: Dynamo's own graph is
+    compiled instead, with each weight back in its own memory, as Dynamo saw
+    it when it traced (a storage view would not match its fake tensors)."""
+    from fxfuse.weights import _REGISTRY
+
+    model = _model(ThreeDeep)
+    with torch.no_grad():
+        expected = model(X)
+        be = fxfuse.backend(inner=fails_on_fused_graphs)
+        out = torch.compile(model, backend=be)(X)
+    torch.testing.assert_close(out, expected)
+    assert be.report.errors and be.report.skipped[Reason.ERROR.value] > 0
+    assert be.report.removed == 0
+    params = list(model.parameters())
+    assert not any(_REGISTRY.get(p) is not None for p in params)
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
