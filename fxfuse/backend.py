@@ -142,7 +142,21 @@ class Backend:
         placeholders back to the frame afterwards) and compile the copy."""
         work = copy_graph_module(gm)
         inputs = FusedInputs(work, list(example_inputs)) if self.config.weights == "auto" else None
-        untouched = inputs.snapshot() if inputs is not None else None
+        if inputs is None:
+            return self._compile_fused(gm, work, example_inputs, inner, None)
+        untouched = inputs.snapshot()
+        try:
+            return self._compile_fused(gm, work, example_inputs, inner, inputs, untouched)
+        except BaseException:
+            # Whatever failed (and is raised on, or compiled unchanged by the
+            # caller): the weights go back to their own memory, as Dynamo saw
+            # them when it traced (its fakes of a quantized weight's inner
+            # tensors carry their storage offsets).
+            inputs.rollback(untouched)
+            raise
+
+    def _compile_fused(self, gm: fx.GraphModule, work: fx.GraphModule, example_inputs: list, inner: Compiler,
+                       inputs: Optional[FusedInputs], untouched: tuple = ()) -> tuple[Callable, FuseReport, fx.GraphModule]:
         # Dynamo traced under the grad mode the graph will run under.
         report = _fuse(work, self.config, inputs, runs_with_grad=torch.is_grad_enabled())
         # (A failed rewrite was undone, fused placeholders included.)
@@ -155,8 +169,7 @@ class Backend:
             if self.config.strict or not report.groups:
                 raise  # strict, or not the fusion's doing: the same graph would fail unfused
             # The inner compiler rejects the fused graph: compile Dynamo's own,
-            # with the weights back in their own memory, as Dynamo saw them
-            # (its fakes of a quantized weight's inner tensors carry their offsets).
+            # with the weights back in their own memory (see _fuse_and_compile).
             log.warning("fxfuse: the inner compiler failed on the fused graph: %r; compiling it unfused", e)
             if inputs is not None:
                 inputs.rollback(untouched)

@@ -164,3 +164,24 @@ def test_inner_compiler_failure_gives_weights_their_own_memory_back():
     params = list(model.parameters())
     assert not any(_REGISTRY.get(p) is not None for p in params)
     assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
+
+
+def test_fault_after_the_rewrite_gives_weights_their_own_memory_back(monkeypatch):
+    """A failure after the rewrite succeeded (here: dropping the unread
+    placeholders) compiles Dynamo's graph unchanged, weights in their own memory."""
+    from fxfuse.inputs import FusedInputs
+    from fxfuse.weights import _REGISTRY
+
+    def prune(self):
+        raise Injected("fault in prune")
+
+    monkeypatch.setattr(FusedInputs, "prune", prune)
+    model = _model(ThreeDeep)
+    be = fxfuse.backend(inner="eager")
+    with torch.no_grad():
+        expected = model(X)
+        torch.testing.assert_close(torch.compile(model, backend=be)(X), expected)
+    assert be.report.errors and be.report.removed == 0
+    params = list(model.parameters())
+    assert not any(_REGISTRY.get(p) is not None for p in params)
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
