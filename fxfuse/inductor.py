@@ -196,11 +196,16 @@ def _expose_frozen_weights(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, f
     post-grad graph reads ``mm(x, c)`` with c of shape [K, N]. Present each
     such constant as ``permute(c.t(), [1, 0])`` (a view: no copy), so that the
     matcher sees the weight [N, K] it knows. Returns (c, c.t(), permute)."""
-    # torchao's dynamic int8 linear is an _int_mm over the frozen int8 weight.
-    mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._int_mm.default)
+    # Which arguments are weight-side: torchao's dynamic int8 linear is an
+    # _int_mm over the frozen int8 weight; its float8 one a _scaled_mm over the
+    # frozen float8 weight and its per-column scale ([1, N], a transposed [N, 1]).
+    aten = torch.ops.aten
+    weight_args = {aten.mm.default: (-1,), aten.addmm.default: (-1,), aten._int_mm.default: (-1,),
+                   aten._scaled_mm.default: (1, 3)}
     made = []
-    for node in list(gm.graph.nodes):
-        c = node.args[-1] if node.op == "call_function" and node.target in mms else None
+    for node, i in [(n, i) for n in list(gm.graph.nodes) if n.op == "call_function"
+                    for i in weight_args.get(n.target, ()) if len(n.args) > abs(i)]:
+        c = node.args[i]
         if not (isinstance(c, fx.Node) and c.op == "get_attr" and len(c.users) == 1):
             continue
         value, val = value_of(gm, c), c.meta.get("val")

@@ -8,6 +8,11 @@ torchao 0.18 on CPU spells them (B, S the leading dims, N the output rows):
     Int8DynamicActivation xq, xs = quantize(x)   (choose_qparams_affine +
                           quantize_affine, or amin/amax/round/clamp)
                           to(to(_int_mm(view(xq), t(qdata)), f32) * xs, bf16) * flatten(scale)
+                          (on CPUs with VNNI: _int_mm(to(xq + 128, uint8), t(qdata))
+                          - sum(t(qdata), 0) * 128, the subtraction in place)
+    Float8DynamicActivation (per row)
+                          xs = choose_scale_float8(x); xq = to(clamp(x / xs), float8)
+                          _scaled_mm(view(xq), t(qdata), view(xs), t(scale), out_dtype=bf16)
 
 with a view back to [B, S, N]; export reads the inner tensors through
 ``export.access_subclass_inner_tensor(weight, "qdata")``, and with freezing
@@ -48,9 +53,15 @@ ACCESS = getattr(getattr(getattr(torch.ops, "export", None), "access_subclass_in
 _ASSERT = getattr(getattr(aten, "_assert_tensor_metadata", None), "default", None)
 
 _GEMMS = (aten.mm.default, aten._int_mm.default, aten.matmul.default)
+# _scaled_mm(a, b, scale_a, scale_b, bias, scale_result, out_dtype, use_fast_accum):
+# scale_b is the weight's, one per output column; scale_a the activation's.
+_SCALED_MM = aten._scaled_mm.default
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _FLATTEN = aten.flatten.using_ints
-_BINARY = (aten.mul.Tensor, aten.add.Tensor)
+# Column-wise epilogue ops; sub_ too: on CPUs with VNNI, torchao runs int8 x int8
+# as uint8 x int8 (x + 128) and subtracts 128 * (the weight's column sums) in place.
+_BINARY = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.sub_.Tensor)
+_SUM = aten.sum.dim_IntList
 
 NOT_PER_ROW = "quantized_scales_not_per_row"  # legality.Reason.QUANT_NOT_PER_ROW
 
@@ -127,8 +138,15 @@ class _Walk:
             return self.rows(n.args[0], 1 - d)
         if (inner := _cast_of(n)) is not None:
             return self.rows(inner, d)
+        if n.target is _SUM and len(n.args) == 3 and n.args[2] is True and set(n.kwargs) <= {"dtype"}:
+            # A reduction over other dims, kept: one value per output channel still.
+            if d in [r % v.dim() for r in n.args[1]]:
+                return False
+            return self.rows(n.args[0], d)
         if n.target is aten.mul.Tensor and len(n.args) == 2 and not n.kwargs:
             for o in n.args:
+                if isinstance(o, (int, float)) and not isinstance(o, bool):
+                    continue  # a constant factor: the same for every row
                 vo = self._val(o)
                 if vo is None:
                     return False
@@ -307,9 +325,10 @@ def as_quantized_linear(gm: fx.GraphModule, node: fx.Node, cast_only: bool = Fal
     """The `Linear` view of a GEMM of one of torchao's forms, or None.
     `cast_only`: also a GEMM over a mere cast of stored rows (int8 weight-only),
     which aten.py's dequantized form covers where its scales are stored."""
-    if node.op != "call_function" or node.target not in _GEMMS or len(node.args) != 2 or node.kwargs:
+    operands = _gemm_operands(node)
+    if operands is None:
         return None
-    a, wt = node.args
+    a, wt, scale_w, scale_a = operands
     va, vw = value_of(gm, a), value_of(gm, wt)
     if not (isinstance(a, fx.Node) and isinstance(wt, fx.Node) and isinstance(va, torch.Tensor)
             and isinstance(vw, torch.Tensor) and vw.dim() == 2):
@@ -319,6 +338,10 @@ def as_quantized_linear(gm: fx.GraphModule, node: fx.Node, cast_only: bool = Fal
     if not isinstance(width, int) or width < 2 or not walk.rows(wt, 1):
         return None
     form = walk.form
+    if scale_w is not None and not _weight_scale(walk, scale_w, width):
+        return None
+    if scale_a is not None:
+        form.shared.append(scale_a)  # from x: the activation side takes it (or it is not one x)
     weight = next((n for n in form.leaves if value_of(gm, n).dim() == 2  # type: ignore[union-attr]
                    and value_of(gm, n).shape[1] == vw.shape[0]), None)  # type: ignore[union-attr]
     quantized = cast_only or node.target is not aten.mm.default or any(
@@ -335,6 +358,34 @@ def as_quantized_linear(gm: fx.GraphModule, node: fx.Node, cast_only: bool = Fal
     dead += tuple(u for n in (*dead, *form.leaves) for u in n.users if u not in dead and u not in readers(n))
     return Linear(result, x, weight, None, module_path(node) or node.name, reads=node, dead=dead,
                   form=form, extra=extra)
+
+
+def _gemm_operands(node: fx.Node) -> Optional[tuple]:
+    """(x side, weight side, the weight's per-column scale, the activation's
+    scale) of a GEMM fxfuse knows, or None."""
+    if node.op != "call_function":
+        return None
+    if node.target in _GEMMS and len(node.args) == 2 and not node.kwargs:
+        return (*node.args, None, None)
+    if node.target is _SCALED_MM and not node.kwargs and len(node.args) >= 4:
+        bias, scale_result = (list(node.args[4:6]) + [None, None])[:2]
+        if bias is None and scale_result is None:  # a bias or output scale: not a form here
+            return node.args[0], node.args[1], node.args[3], node.args[2]
+    return None
+
+
+def _weight_scale(walk: _Walk, scale: object, width: int) -> bool:
+    """Is `_scaled_mm`'s scale_b one per output column, from stored rows?
+    One for the whole weight is recognised and refused (`NOT_PER_ROW`)."""
+    v = walk._val(scale)
+    if not isinstance(scale, fx.Node) or v is None:
+        return False
+    if v.numel() == 1:
+        if not walk.rows_of_tensor(scale):
+            return False
+        walk.form.refusal = NOT_PER_ROW
+        return True
+    return v.dim() == 2 and tuple(v.shape) == (1, width) and walk.rows(scale, 1)
 
 
 def emit_form(graph: fx.Graph, member: Linear, fused: dict[str, fx.Node], n_total: int) -> list[fx.Node]:

@@ -13,7 +13,7 @@ import fxfuse
 from fxfuse import Reason
 
 from test_inductor import _no_compile_caches  # noqa: F401 - the autouse fixture: passes must run
-from test_torchao import CONFIGS, DTYPE, TOKENS, X, quantized_llama, quantized_pair
+from test_torchao import CONFIGS, DTYPE, TOKENS, X, Pair, quantized_llama, quantized_pair
 
 quantization = pytest.importorskip("torchao.quantization")
 
@@ -51,6 +51,24 @@ def test_fuse_exported_torchao_llama_removes_6_and_matches_unfused(config):
     assert stored_bytes(fused.state_dict) <= stored_bytes(ep.state_dict)
     assert "layers.0.attention.wq.weight" not in fused.state_dict
     fused.validate()
+    with torch.no_grad():
+        torch.testing.assert_close(fused.module()(TOKENS), model(TOKENS))
+
+
+@pytest.mark.parametrize("vnni", [False, True], ids=["int8_x_int8", "uint8_x_int8"])
+def test_fuse_exported_int8_dynamic_on_either_cpu_path(vnni, monkeypatch):
+    # torchao picks its CPU int8 GEMM by the CPU: with VNNI (and no AMX) it
+    # runs uint8 x int8 (x + 128) and subtracts 128 * the weight's column sums
+    # in place. Both forms fuse, whichever CPU runs the test.
+    from torchao.kernel import intmm
+
+    monkeypatch.setattr(intmm, "_cpu_is_vnni_supported", lambda: vnni)
+    monkeypatch.setattr(intmm, "_cpu_is_amx_tile_supported", lambda: False)
+    model = quantized_llama("int8_dynamic")
+    ep = torch.export.export(model, (TOKENS,))
+    assert ("aten.sub_.Tensor(_int_mm" in ep.graph_module.code) == vnni
+    fused = fxfuse.fuse_exported(ep)
+    assert fused.fxfuse_report.removed == 6 and not fused.fxfuse_report.skipped
     with torch.no_grad():
         torch.testing.assert_close(fused.module()(TOKENS), model(TOKENS))
 
@@ -108,7 +126,11 @@ def post_grad(model, freezing: bool, pass_=None):
         seen.append((before, (graph.python_code("self").src, gemms(graph))))
 
     torch._dynamo.reset()
-    with torch._inductor.config.patch(freezing=freezing, post_grad_custom_pre_pass=hook), torch.no_grad():
+    # On CPUs with bf16 support, freezing packs bf16 weights for oneDNN before
+    # the post-grad passes (`cpp.weight_prepack`), which leaves that hook no
+    # GEMM to fuse (docs/guide.md); GPUs keep the mm.
+    patches = dict(freezing=freezing, post_grad_custom_pre_pass=hook, **{"cpp.weight_prepack": False})
+    with torch._inductor.config.patch(patches), torch.no_grad():
         out = torch.compile(model)(TOKENS)
     assert len(seen) == 1
     return out, seen[0]
@@ -138,3 +160,76 @@ def test_no_fuse_quantized_weights_concatenated_per_call(config):
     assert after == before
     # Every sibling call is left alone: q, k, v, w1 and w3 of both layers.
     assert p.report.removed == 0 and p.report.skipped == {Reason.QUANT_CONCAT_PER_CALL.value: 10}
+
+
+# ------------------------------------------------------------ float8 with dynamic activations
+
+
+@pytest.fixture
+def float8_dynamic():
+    """`Float8DynamicActivationFloat8WeightConfig` factory, usable on CPU.
+
+    torchao asserts a GPU with float8 support when it quantizes (its fast
+    kernels need one); torch's CPU `_scaled_mm` computes the same row-wise
+    scaled GEMM, so the tests lift that one check while `quantize_` runs and
+    everything after it is torchao's and torch's own code."""
+    from unittest import mock
+
+    from torchao.quantization import quant_api
+
+    def quantize(model, granularity=None):
+        config = quantization.Float8DynamicActivationFloat8WeightConfig(
+            granularity=granularity or quantization.PerRow(), set_inductor_config=False)
+        with mock.patch.object(quant_api, "_check_hardware_support", lambda granularity: None):
+            quantization.quantize_(model, config)
+        return model
+
+    return quantize
+
+
+def float8_llama(quantize):
+    torch.manual_seed(0)
+    from fxfuse.models import LlamaConfig, Transformer
+
+    return quantize(Transformer(LlamaConfig(n_layer=2)).to(DTYPE).eval())
+
+
+def test_fuse_exported_float8_dynamic_per_row(float8_dynamic):
+    # _scaled_mm(quantized x, t(qdata), x's scales, t(scale)): the weight's
+    # rows and its per-row scales are concatenated once; x is quantized once.
+    model = float8_llama(float8_dynamic)
+    ep = torch.export.export(model, (TOKENS,))
+    scaled_mm = aten._scaled_mm.default
+    before = sum(n.target is scaled_mm for n in ep.graph.nodes)
+    fused = fxfuse.fuse_exported(ep)
+    assert before - sum(n.target is scaled_mm for n in fused.graph.nodes) == 6
+    assert fused.fxfuse_report.removed == 6 and not fused.fxfuse_report.skipped
+    assert stored_bytes(fused.state_dict) <= stored_bytes(ep.state_dict)
+    fused.validate()
+    with torch.no_grad():
+        torch.testing.assert_close(fused.module()(TOKENS), model(TOKENS))
+
+
+def test_fuse_float8_dynamic_per_row_in_post_grad_hook_with_freezing(float8_dynamic):
+    model = float8_llama(float8_dynamic)
+    expected, _ = post_grad(model, freezing=True)
+    p = fxfuse.inductor_pass()
+    out, ((before, _), (after, _)) = post_grad(model, freezing=True, pass_=p)
+    assert before.count("aten._scaled_mm.default(") - after.count("aten._scaled_mm.default(") == 6
+    assert p.report.removed == 6 and not p.report.skipped
+    torch.testing.assert_close(out, expected)
+
+
+def test_fuse_float8_dynamic_per_row_backend(float8_dynamic):
+    model = float8_llama(float8_dynamic)
+    be = fxfuse.backend(inner="eager")
+    with torch.no_grad():
+        expected = model(TOKENS)
+        torch.testing.assert_close(torch.compile(model, backend=be)(TOKENS), expected)
+    assert be.report.removed == 6 and not be.report.skipped
+
+
+def test_no_fuse_float8_dynamic_per_tensor_scales_not_per_row(float8_dynamic):
+    # One scale for each whole weight: the joined rows would need one for all.
+    model = float8_dynamic(Pair().to(DTYPE).eval(), quantization.PerTensor())
+    assert_exported_left_alone(model, Reason.QUANT_NOT_PER_ROW, 2)
