@@ -133,7 +133,7 @@ PRE_GRAD_BEFORE_LOOKUP = getattr(torch._inductor.config, "pre_grad_pass_timing",
 # Compiles a tiny model with a pass in hook argv[1] ("train": forward and
 # backward) and prints what the process saw, as JSON.
 CACHE_SCRIPT = """
-import json, sys, torch, fxfuse
+import gc, json, sys, torch, fxfuse
 from torch._dynamo.utils import counters
 
 class Attention(torch.nn.Module):
@@ -159,6 +159,7 @@ print(json.dumps({
     "aot_hits": counters["aot_autograd"]["autograd_cache_hit"],
     "removed_counter": counters["inductor"]["fxfuse_linear_calls_removed"],
 }))
+gc.freeze()  # speed only: no collection of the whole heap at exit (~1.3 s a process)
 """
 
 
