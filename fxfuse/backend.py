@@ -142,9 +142,7 @@ class Backend:
         placeholders back to the frame afterwards) and compile the copy."""
         work = copy_graph_module(gm)
         inputs = FusedInputs(work, list(example_inputs)) if self.config.weights == "auto" else None
-        if inputs is None:
-            return self._compile_fused(gm, work, example_inputs, inner, None)
-        untouched = inputs.snapshot()
+        untouched = inputs.snapshot() if inputs is not None else ()
         try:
             return self._compile_fused(gm, work, example_inputs, inner, inputs, untouched)
         except BaseException:
@@ -152,11 +150,12 @@ class Backend:
             # caller): the weights go back to their own memory, as Dynamo saw
             # them when it traced (its fakes of a quantized weight's inner
             # tensors carry their storage offsets).
-            inputs.rollback(untouched)
+            if inputs is not None:
+                inputs.rollback(untouched)
             raise
 
     def _compile_fused(self, gm: fx.GraphModule, work: fx.GraphModule, example_inputs: list, inner: Compiler,
-                       inputs: Optional[FusedInputs], untouched: tuple = ()) -> tuple[Callable, FuseReport, fx.GraphModule]:
+                       inputs: Optional[FusedInputs], untouched: tuple) -> tuple[Callable, FuseReport, fx.GraphModule]:
         # Dynamo traced under the grad mode the graph will run under.
         report = _fuse(work, self.config, inputs, runs_with_grad=torch.is_grad_enabled())
         # (A failed rewrite was undone, fused placeholders included.)

@@ -270,11 +270,10 @@ def with_columns(fused: Tensor, names: tuple, dims: tuple, columns: tuple) -> Te
     `columns[i]`, joined along `dims[i]`. Called inside the compiled graph
     (the backend inserts it; see inputs.py), which reads the members' tensors
     on every call: never stale, and the join is one kernel of that graph."""
-    inner_names, ctx = _flatten(fused)
-    inner = {k: getattr(fused, k) for k in inner_names}
+    inner = {k: getattr(fused, k) for k in _flatten(fused)[0]}
     for k, d, parts in zip(names, dims, columns):
         inner[k] = torch.cat(list(parts), dim=d)
-    return type(fused).__tensor_unflatten__(inner, ctx, fused.shape, fused.stride())  # type: ignore[attr-defined]
+    return _build(fused, inner, fused.shape[0])
 
 
 def static_context(t: Tensor, source: object) -> object:
