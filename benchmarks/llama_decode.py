@@ -113,8 +113,9 @@ def parse_args(argv=None):
                    '\'{"coordinate_descent_tuning": false}\'')
     p.add_argument("--guard-filter", metavar="NAME",
                    help="a torch.compiler guard filter for every variant, e.g. "
-                   "skip_guard_on_all_nn_modules_unsafe: Dynamo checks its guards on every parameter "
-                   "per call, on host time (more for torchao's tensor subclasses)")
+                   "skip_guard_on_all_nn_modules_unsafe, or 'fxfuse' for fxfuse.guard_filter: Dynamo "
+                   "checks its guards on every parameter per call, on host time (more for torchao's "
+                   "tensor subclasses)")
     p.add_argument("--tol", type=float, default=5e-2,
                    help="largest |out-ref|/|ref| of logits that counts as agreeing with eager")
     p.add_argument("--tiny", action="store_true", help="tiny config; CPU allowed")
@@ -298,7 +299,11 @@ def make_compiled(v, mode, extra=None, guard_filter=None):
     opts = {**mode_opts, **extra} if extra else None
     inner = {"inner_options": opts} if opts else {"mode": mode}  # for fxfuse.backend()
     if guard_filter:  # torch.compile takes the filter among its options, then no mode
-        gf = {"guard_filter_fn": getattr(torch.compiler, guard_filter)}
+        if guard_filter == "fxfuse":  # leaves out only the guards fxfuse checks itself
+            import fxfuse
+            gf = {"guard_filter_fn": fxfuse.guard_filter}
+        else:
+            gf = {"guard_filter_fn": getattr(torch.compiler, guard_filter)}
         run = own_code(model, name)
         if name in ("fxfuse", "fxfuse_cat"):
             import fxfuse

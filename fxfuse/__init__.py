@@ -10,6 +10,7 @@ from .backend import Backend, OptionError, backend
 from .config import FuseConfig
 from .export import fuse_exported
 from .fuse import fuse_linears
+from .guards import QuantizedWeightChanged, guard_filter
 from .inductor import FxfusePass, inductor_pass, installed
 from .legality import Reason
 from .match import Group
@@ -26,10 +27,12 @@ __all__ = [
     "FusedGroup",
     "Group",
     "OptionError",
+    "QuantizedWeightChanged",
     "Reason",
     "backend",
     "fuse_exported",
     "fuse_linears",
+    "guard_filter",
     "unfuse",
 ]
 __version__ = "0.1.0"

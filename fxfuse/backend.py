@@ -27,6 +27,7 @@ from torch import fx
 from . import trace
 from .config import FuseConfig
 from .fuse import _fuse
+from .guards import COMPILE
 from .inputs import FusedInputs, copy_graph_module
 from .legality import Reason
 from .match import count_linears
@@ -112,6 +113,7 @@ class Backend:
             log.warning("fxfuse: %r; compiling the graph unchanged", e)
             n = count_linears(gm)
             report = FuseReport(before=n, after=n, graphs=1, errors=[repr(e)])
+            COMPILE.reads(example_inputs)
             compiled, after = inner(gm, example_inputs), gm
         if _ends_at_dynamic_quant_linear():
             report.skipped[Reason.AO_DYNAMIC_QUANT.value] += 1
@@ -175,7 +177,11 @@ class Backend:
             n = count_linears(gm)
             failed = FuseReport(before=n, after=n, graphs=1, skipped=report.skipped, errors=[repr(e)])
             failed.skipped[Reason.ERROR.value] += sum(len(g.members) for g in report.groups)
+            COMPILE.reads(example_inputs)
             return inner(gm, example_inputs), failed, gm
+        COMPILE.reads(args)
+        if stored:
+            COMPILE.took(inputs.quantized_members())
         return (inputs.wrap(compiled, keep) if stored else compiled), report, work
 
 

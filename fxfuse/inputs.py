@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from . import quantized, weights
+from . import guards, quantized, weights
 from .legality import Reason, check_per_call_concat
 from .forms import Group, Operand
 from .weights import Storage, concat_rows, storage_for
@@ -216,6 +216,12 @@ class FusedInputs:
             node.meta["example_value"] = fused.meta["example_value"]
         return node
 
+    def quantized_members(self) -> list[Tensor]:
+        """The torchao weights whose inner tensors now live in a storage (the
+        wrapper checks them on every call)."""
+        return [self.example_inputs[i] for slot in self.slots if isinstance(slot.ref(), quantized.SubclassStorage)
+                for i in slot.arg_index if i is not None]
+
     def added(self) -> list[Tensor]:
         """The values of the placeholders the rewrite added, in their order:
         the fused tensors, then the members' inner tensors the graph joins."""
@@ -271,11 +277,16 @@ class FusedInputs:
         inner_names = [(i, n) for i, names in inner.items() for n in names]
         columns = list(self.columns)  # torchao int4: inner tensors the graph joins itself
         local = sorted(self.local)  # DTensor arguments: check their local tensors
+        # What each quantized member was compiled as: checked whenever one moved,
+        # since Dynamo may have been told not to (guards.py).
+        compiled_as = {i: guards.signature(self.example_inputs[i]) for i in inner}
         same_ptrs = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _same_ptrs)
         take = operator.itemgetter(*keep) if len(keep) > 1 else (lambda a: tuple(a[i] for i in keep))
         state: list = [None, []]  # expected pointers per argument, weak refs to the fused tensors
 
         def refresh(args: tuple) -> list[Tensor]:
+            for i, sig in compiled_as.items():
+                guards.check_unchanged(args[i], sig, f"the weight passed as argument {i}")
             fused = [slot.fused(args) for slot in slots]
             ptrs: list[Optional[int]] = [None] * end
             for slot in slots:
