@@ -262,7 +262,11 @@ def test_fuse_torchao_int8_weight_only_in_inductor_hooks_with_freezing():
     # fuses; with freezing, the int8 weights and scales are concatenated once.
     model = QKV().to(DTYPE).eval()
     quantization.quantize_(model, CONFIGS["int8_weight_only"]())
-    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+    # Without oneDNN weight packing, as every freezing test here: Inductor
+    # registers its packing patterns once per process, at the first freezing
+    # compile that allows it, and keeps them (a later test that turns packing
+    # off would still get packed weights, and no GEMM for its hook).
+    with torch._inductor.config.patch({"freezing": True, "cpp.weight_prepack": False}), torch.no_grad():
         expected = torch.compile(model)(X)
         torch._dynamo.reset()
         with fxfuse.installed("post_grad_custom_pre_pass") as p:
