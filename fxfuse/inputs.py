@@ -92,8 +92,8 @@ class FusedInputs:
         self.extra: list[Tensor] = []
         self.members: list[fx.Node] = []  # placeholders now read through a storage
         self.local: set[int] = set()  # arguments that are DTensors: their local tensor is stored
-        # torchao int4: (slot, inner tensor name) the graph joins itself on every call, from
-        # one flat storage each, after the fused tensors' ones (`_fused_tail` is the last of those).
+        # torchao int4: (argument, inner tensor name) the graph joins itself on every call,
+        # one placeholder each, after the fused tensors' ones (`_fused_tail` is the last of those).
         self.columns: list[tuple[int, str]] = []
         self._fused_tail = self.placeholders[-1] if self.placeholders else None
         gm.meta[quantized.JOINS_KEY] = True  # torchao weights: their inner tensors are stored
@@ -195,23 +195,23 @@ class FusedInputs:
 
     def _join_in_graph(self, fused: fx.Node, st: "quantized.SubclassStorage", idx: list, group: Group) -> fx.Node:
         """The fused weight with the inner tensors whose rows are not dim 0
-        (int4's scales) joined in the graph from the members' own, which lie
-        one after the other in one flat storage per name, an input of the
-        graph: read on every call, so never stale, and no copy outside the
-        compiled graph (quantized.with_columns)."""
+        (int4's scales) joined in the graph from the members' own, which the
+        graph takes as inputs: read on every call, so never stale, and no copy
+        outside the compiled graph (quantized.with_columns)."""
         graph = self.gm.graph
-        slot = max(i for i, s in enumerate(self.slots) if s.ref() is st)
-        blocks = []
+        parts = []
         for k in st.columns:
-            t = st.blocks[k].fused
-            blocks.append(self._placeholder(f"fxfuse_column_{len(self.columns)}", t, group))
-            self._fakify(t)
-            self.columns.append((slot, k))
+            nodes = []
+            for i in idx:
+                t = getattr(self.example_inputs[i], k)
+                nodes.append(self._placeholder(f"fxfuse_column_{len(self.columns)}", t, group))
+                self._fakify(t)
+                self.columns.append((i, k))
+            parts.append(tuple(nodes))
         first_op = next(n for n in graph.nodes if n.op != "placeholder")
         with graph.inserting_before(first_op):
-            node = graph.call_function(quantized.with_columns, (
-                fused, tuple(st.columns), tuple(st.columns.values()), tuple(blocks),
-                tuple(st.block_shapes(k) for k in st.columns)))
+            node = graph.call_function(
+                quantized.with_columns, (fused, tuple(st.columns), tuple(st.columns.values()), tuple(parts)))
         if "example_value" in fused.meta:  # the same class, shape and metadata
             node.meta["example_value"] = fused.meta["example_value"]
         return node
@@ -224,8 +224,8 @@ class FusedInputs:
 
     def added(self) -> list[Tensor]:
         """The values of the placeholders the rewrite added, in their order:
-        the fused tensors, then the storages of the inner tensors the graph joins."""
-        return self.extra + [_block(self.slots[i], k, self.example_inputs) for i, k in self.columns]
+        the fused tensors, then the members' inner tensors the graph joins."""
+        return self.extra + [getattr(self.example_inputs[i], k) for i, k in self.columns]
 
     def snapshot(self) -> tuple:
         """What `rollback` restores: the pass calls it before a rewrite."""
@@ -275,7 +275,7 @@ class FusedInputs:
         checked = [i for slot in slots for i in slot.arg_index if i is not None and i not in inner]
         checked += range(n_args, end)
         inner_names = [(i, n) for i, names in inner.items() for n in names]
-        columns = list(self.columns)  # torchao int4: storages of the inner tensors the graph joins
+        columns = list(self.columns)  # torchao int4: inner tensors the graph joins itself
         local = sorted(self.local)  # DTensor arguments: check their local tensors
         # What each quantized member was compiled as: checked whenever one moved,
         # since Dynamo may have been told not to (guards.py).
@@ -288,7 +288,6 @@ class FusedInputs:
             for i, sig in compiled_as.items():
                 guards.check_unchanged(args[i], sig, f"the weight passed as argument {i}")
             fused = [slot.fused(args) for slot in slots]
-            fused += [_block(slots[si], k, args) for si, k in columns]
             ptrs: list[Optional[int]] = [None] * end
             for slot in slots:
                 st = slot.ref()
@@ -316,21 +315,12 @@ class FusedInputs:
                 fused = [r() for r in state[1]]
             if fused is None or any(f is None for f in fused):  # (`in` would call Tensor.__eq__)
                 fused = refresh(args)
+            if columns:
+                fused = [*fused, *(getattr(args[i], k) for i, k in columns)]
             # Dynamo calls a backend's result unpacked, whatever `_boxed_call` says.
             return compiled(*take(args), *fused)
 
         return run
-
-
-def _block(slot: _Slot, name: str, args: Any) -> Tensor:
-    """The flat storage of inner tensor `name` of the slot's members, one
-    after the other; where they have none (they belong to another group), a
-    new one: correct, but copied."""
-    st = slot.ref()
-    if isinstance(st, quantized.SubclassStorage) and name in st.blocks:
-        return st.blocks[name].fused
-    members = [args[i] for i in slot.arg_index if i is not None]
-    return torch.cat([getattr(m, name).reshape(-1) for m in members])
 
 
 # Stands in for a missing inner tensor in the pointer check: no storage's data is at 0.

@@ -62,7 +62,6 @@ and packed rows that do not fill whole tiles.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -214,25 +213,23 @@ def _inner_widths(rows: Rows, widths: Sequence[int]) -> list[int]:
 
 class SubclassStorage:
     """One group's quantized weights as one tensor of their class. Its inner
-    tensors whose rows are dim 0 each live in one `Storage` (`parts`: the
-    members' inner tensors are row views of them); those joined along another
-    dim (`columns`: name -> dim) live as whole blocks of one flat `Storage`
-    each (`blocks`), which the compiled graph joins on every call
-    (`with_columns`; see the module docstring). Same interface as `Storage`
-    where `_Slot` and `FusedInputs.wrap` use it; `names` are the stored inner
-    tensors, and `ptrs` holds, per member, their expected data pointers in
-    that order."""
+    tensors whose rows are dim 0 each live in one `Storage` (the members'
+    inner tensors are row views of them); those joined along another dim
+    (`columns`: name -> dim) the compiled graph joins from the members' own
+    on every call (`with_columns`; see the module docstring). Same interface
+    as `Storage` where `_Slot` and `FusedInputs.wrap` use it; `names` are the
+    stored inner tensors, and `ptrs` holds, per member, their expected data
+    pointers in that order."""
 
-    def __init__(self, parts: dict[str, Storage], blocks: dict[str, Storage], members: Sequence[Tensor],
-                 widths: Sequence[int]) -> None:
+    def __init__(self, parts: dict[str, Storage], members: Sequence[Tensor], widths: Sequence[int]) -> None:
         ref = members[0]
-        self.names = list(parts) + list(blocks)
-        self.parts, self.blocks = parts, blocks
+        self.names = list(parts)
+        self.parts = parts
         self.type = type(ref)
         self.all_names, ctx = _flatten(ref)
         self.metadata = _metadata(ctx)
         layout = _layout(ref)
-        self.columns = {k: layout[k].dim for k in blocks}
+        self.columns = {k: layout[k].dim for k in self.all_names if k not in parts}
         # Stand-ins of the joined shape that hold no memory: the graph reads
         # the members' own tensors instead (`with_columns`).
         unread = {}
@@ -242,20 +239,12 @@ class SubclassStorage:
             shape[d] = sum(getattr(m, k).shape[d] for m in members)
             unread[k] = t.new_empty(()).expand(shape)
         self.fused = _build(ref, {**{k: st.fused for k, st in parts.items()}, **unread}, sum(widths))
-
-    def inner_storages(self) -> list[Storage]:
-        return [*self.parts.values(), *self.blocks.values()]
-
-    def storage(self, name: str) -> Storage:
-        return self.parts[name] if name in self.parts else self.blocks[name]
-
-    def block_shapes(self, name: str) -> tuple:
-        """The members' shapes of a column tensor, in order (`with_columns`)."""
-        return tuple(self.blocks[name].shapes)  # type: ignore[arg-type]
+        # What the compiled graph expects of each member's column tensors.
+        self._column_meta = [[(getattr(m, k).shape, getattr(m, k).dtype) for k in self.columns] for m in members]
 
     @property
     def ptrs(self) -> list[tuple[int, ...]]:
-        return [tuple(p) for p in zip(*(self.storage(k).ptrs for k in self.names))]
+        return [tuple(p) for p in zip(*(self.parts[k].ptrs for k in self.names))]
 
     def fits(self, members: Sequence[Optional[Tensor]]) -> bool:
         if not all(m is not None and type(m) is self.type for m in members):
@@ -263,29 +252,27 @@ class SubclassStorage:
         flat = [_flatten(m) for m in members]  # type: ignore[arg-type]
         if not all(names == self.all_names and _metadata(ctx) == self.metadata for names, ctx in flat):
             return False
-        return all(st.fits([getattr(m, k) for m in members]) for k, st in (*self.parts.items(), *self.blocks.items()))
+        device = self.fused.device
+        return all(st.fits([getattr(m, k) for m in members]) for k, st in self.parts.items()) and (
+            [[(getattr(m, k).shape, getattr(m, k).dtype) for k in self.columns] for m in members] == self._column_meta
+            and all(getattr(m, k).device == device for k in self.columns for m in members)
+        )
 
     def current(self, members: Sequence[Optional[Tensor]]) -> Tensor:
         """The fused tensor, after copying back any inner tensor that moved."""
-        for k in self.names:
-            self.storage(k).current([getattr(m, k) for m in members])
+        for k, st in self.parts.items():
+            st.current([getattr(m, k) for m in members])
         return self.fused
 
 
-def with_columns(fused: Tensor, names: tuple, dims: tuple, blocks: tuple, shapes: tuple) -> Tensor:
+def with_columns(fused: Tensor, names: tuple, dims: tuple, columns: tuple) -> Tensor:
     """`fused` with its inner tensors `names` replaced by the members' own,
-    joined along `dims[i]`: `blocks[i]` holds them one after the other, of
-    `shapes[i]`. Called inside the compiled graph (the backend inserts it;
-    see inputs.py), which reads the members' tensors on every call: never
-    stale, and the join is one kernel of that graph."""
+    `columns[i]`, joined along `dims[i]`. Called inside the compiled graph
+    (the backend inserts it; see inputs.py), which reads the members' tensors
+    on every call: never stale, and the join is one kernel of that graph."""
     inner = {k: getattr(fused, k) for k in _flatten(fused)[0]}
-    for k, d, block, member_shapes in zip(names, dims, blocks, shapes):
-        pieces, start = [], 0
-        for shape in member_shapes:
-            n = math.prod(shape)
-            pieces.append(block[start : start + n].view(shape))
-            start += n
-        inner[k] = torch.cat(pieces, dim=d)
+    for k, d, parts in zip(names, dims, columns):
+        inner[k] = torch.cat(list(parts), dim=d)
     return _build(fused, inner, fused.shape[0])
 
 
@@ -316,26 +303,23 @@ def subclass_storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[i
     layout = _layout(ref)
     names, _ = _flatten(ref)
     parts: dict[str, Storage] = {}
-    blocks: dict[str, Storage] = {}
     for k in names:
-        tensors = [getattr(m, k) for m in present]
-        if layout[k].dim == 0:
-            st = storage_for(tensors, _inner_widths(layout[k], widths))
-        else:  # whole blocks, each member's tensor contiguous (the graph joins them)
-            st = storage_for(tensors, [t.numel() for t in tensors], shapes=[tuple(t.shape) for t in tensors])
+        if layout[k].dim != 0:
+            continue
+        st = storage_for([getattr(m, k) for m in present], _inner_widths(layout[k], widths))
         if st is None:
             return None
-        (parts if layout[k].dim == 0 else blocks)[k] = st
+        parts[k] = st
     if not parts:
         return None  # nothing stored: nothing to find the fused tensor by
     # Kept on the first inner storage (alive while a member is), so graphs
     # fusing the same group share one fused tensor.
     first = parts[next(iter(parts))]
     known = getattr(first, "subclass", None)
-    if isinstance(known, SubclassStorage) and known.parts == parts and known.blocks == blocks and known.fits(present):
+    if isinstance(known, SubclassStorage) and known.parts == parts and known.fits(present):
         known.current(present)
         return known
-    first.subclass = SubclassStorage(parts, blocks, present, widths)  # type: ignore[attr-defined]
+    first.subclass = SubclassStorage(parts, present, widths)  # type: ignore[attr-defined]
     return first.subclass  # type: ignore[attr-defined]
 
 

@@ -48,19 +48,15 @@ _REGISTRY: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 class Storage:
     """One group's member tensors (None: a missing bias, kept as zeros) as row
-    slices of one contiguous tensor, `fused`. With `shapes`, the members are
-    whole blocks of a flat `fused` instead (`widths` are their sizes), each
-    a contiguous view of its own shape: for inner tensors whose rows are not
-    dim 0 (quantized.py)."""
+    slices of one contiguous tensor, `fused`."""
 
-    def __init__(self, members: Sequence[Optional[Tensor]], widths: Sequence[int],
-                 shapes: Optional[Sequence[tuple]] = None) -> None:
+    def __init__(self, members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> None:
         ref = local_value(next(m for m in members if m is not None))
         self.widths = list(widths)
-        self.shapes = None if shapes is None else [tuple(s) for s in shapes]
         self.offsets = [sum(self.widths[:i]) for i in range(len(self.widths))]
-        trailing = tuple(ref.shape[1:]) if self.shapes is None else ()
-        self.fused = torch.empty((sum(self.widths), *trailing), dtype=ref.dtype, device=ref.device)
+        self.fused = torch.empty(
+            (sum(self.widths), *ref.shape[1:]), dtype=ref.dtype, device=ref.device
+        )
         self._members: list[Optional[weakref.ref]] = [None] * len(members)
         self.ptrs = [0] * len(members)
         with torch.no_grad():
@@ -71,11 +67,7 @@ class Storage:
                     self._adopt(i, m)
 
     def _slice(self, i: int) -> Tensor:
-        piece = self.fused[self.offsets[i] : self.offsets[i] + self.widths[i]]
-        return piece if self.shapes is None else piece.view(self.shapes[i])
-
-    def _shape(self, i: int) -> tuple:
-        return (self.widths[i], *self.fused.shape[1:]) if self.shapes is None else self.shapes[i]
+        return self.fused[self.offsets[i] : self.offsets[i] + self.widths[i]]
 
     def _adopt(self, i: int, member: Tensor) -> None:
         """Copy `member` into its slice and make it a view of the slice (of a
@@ -101,8 +93,9 @@ class Storage:
         local = [local_value(m) for m in members]
         return len(members) == len(self.widths) and all(
             m is None
-            or (m.dtype == self.fused.dtype and m.device == self.fused.device and tuple(m.shape) == self._shape(i))
-            for i, m in enumerate(local)
+            or (m.dtype == self.fused.dtype and m.device == self.fused.device
+                and tuple(m.shape) == (w, *self.fused.shape[1:]))
+            for m, w in zip(local, self.widths)
         )
 
     def current(self, members: Sequence[Optional[Tensor]]) -> Tensor:
@@ -138,12 +131,10 @@ def _plain(t: Tensor) -> bool:
     return type(t) in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and t.stride() == expected
 
 
-def storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int],
-                shapes: Optional[Sequence[tuple]] = None) -> Optional[Storage]:
+def storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int]) -> Optional[Storage]:
     """The storage holding these tensors, made (once) if needed, or None when
     they cannot share one: a repeated or non-contiguous tensor, or a tensor
-    that another group's storage still backs (one tensor has one home).
-    `shapes`: store them as whole blocks (see `Storage`)."""
+    that another group's storage still backs (one tensor has one home)."""
     present = [m for m in members if m is not None]
     if present and _quantized(present[0]):  # torchao: one storage per inner tensor (quantized.py)
         from .quantized import subclass_storage_for
@@ -162,7 +153,7 @@ def storage_for(members: Sequence[Optional[Tensor]], widths: Sequence[int],
             return owner
     if any(_still_owns(o, present) for o in owners.values()):
         return None
-    return Storage(members, widths, shapes)
+    return Storage(members, widths)
 
 
 def _still_owns(storage: Storage, tensors: list[Tensor]) -> bool:
@@ -196,9 +187,9 @@ def unfuse(module: torch.nn.Module) -> int:
 def release(storage: Storage) -> int:
     """Give the members of `storage` their own memory again: the rewrite
     that made it failed and was undone (see inputs.FusedInputs.rollback)."""
-    inner = getattr(storage, "inner_storages", None)
-    if inner is not None:  # torchao weights: one storage per inner tensor (quantized.py)
-        return sum(release(p) for p in inner())
+    parts = getattr(storage, "parts", None)
+    if parts is not None:  # torchao weights: one storage per inner tensor (quantized.py)
+        return sum(release(p) for p in parts.values())
     members = [r() for r in storage._members if r is not None]
     return sum(_move_out(t) for t in members if t is not None and _REGISTRY.get(t) is storage)
 
