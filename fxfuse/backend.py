@@ -102,7 +102,7 @@ class Backend:
             raise TypeError(
                 f"unexpected arguments {sorted(kwargs)}: pass options to fxfuse.backend(...) instead"
             )
-        inner = self._inner_for(mode)
+        inner = _reading(self._inner_for(mode))
         before = trace.graph_text(gm) if trace.debug_enabled() else None
         try:
             compiled, report, after = self._fuse_and_compile(gm, example_inputs, inner)
@@ -113,7 +113,6 @@ class Backend:
             log.warning("fxfuse: %r; compiling the graph unchanged", e)
             n = count_linears(gm)
             report = FuseReport(before=n, after=n, graphs=1, errors=[repr(e)])
-            COMPILE.reads(example_inputs)
             compiled, after = inner(gm, example_inputs), gm
         if _ends_at_dynamic_quant_linear():
             report.skipped[Reason.AO_DYNAMIC_QUANT.value] += 1
@@ -177,12 +176,20 @@ class Backend:
             n = count_linears(gm)
             failed = FuseReport(before=n, after=n, graphs=1, skipped=report.skipped, errors=[repr(e)])
             failed.skipped[Reason.ERROR.value] += sum(len(g.members) for g in report.groups)
-            COMPILE.reads(example_inputs)
             return inner(gm, example_inputs), failed, gm
-        COMPILE.reads(args)
-        if stored:
-            COMPILE.took(inputs.quantized_members())
         return (inputs.wrap(compiled, keep) if stored else compiled), report, work
+
+
+def _reading(inner: Compiler) -> Compiler:
+    """`inner`, noting the tensors each graph it compiles takes: whichever
+    graph that is (fused, or Dynamo's own after a failure), `guard_filter`
+    must keep the guards of what a compiled graph reads (guards.py)."""
+
+    def compile_reading(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        COMPILE.reads(example_inputs)
+        return inner(gm, example_inputs)
+
+    return compile_reading
 
 
 def _ends_at_dynamic_quant_linear() -> bool:

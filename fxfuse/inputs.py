@@ -216,12 +216,6 @@ class FusedInputs:
             node.meta["example_value"] = fused.meta["example_value"]
         return node
 
-    def quantized_members(self) -> list[Tensor]:
-        """The torchao weights whose inner tensors now live in a storage (the
-        wrapper checks them on every call)."""
-        return [self.example_inputs[i] for slot in self.slots if isinstance(slot.ref(), quantized.SubclassStorage)
-                for i in slot.arg_index if i is not None]
-
     def added(self) -> list[Tensor]:
         """The values of the placeholders the rewrite added, in their order:
         the fused tensors, then the members' inner tensors the graph joins."""
@@ -278,8 +272,9 @@ class FusedInputs:
         columns = list(self.columns)  # torchao int4: inner tensors the graph joins itself
         local = sorted(self.local)  # DTensor arguments: check their local tensors
         # What each quantized member was compiled as: checked whenever one moved,
-        # since Dynamo may have been told not to (guards.py).
+        # so Dynamo's own Python guards on them may be left out (guards.py).
         compiled_as = {i: guards.signature(self.example_inputs[i]) for i in inner}
+        guards.COMPILE.took([self.example_inputs[i] for i in inner])
         same_ptrs = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _same_ptrs)
         take = operator.itemgetter(*keep) if len(keep) > 1 else (lambda a: tuple(a[i] for i in keep))
         state: list = [None, []]  # expected pointers per argument, weak refs to the fused tensors
