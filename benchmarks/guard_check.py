@@ -5,7 +5,7 @@ host time spent before every call of the compiled code, whatever the
 device; this measures that check alone (the frame's guard manager), with
 the inner compiler "eager".
 
-    python3 benchmarks/guard_check.py --layers 16 --config int8_weight_only
+    python3 benchmarks/guard_check.py --layers 16 --config int8wo
 """
 
 from __future__ import annotations
@@ -17,21 +17,22 @@ import time
 import torch
 from tabulate import tabulate
 
+from llama_decode import torchao_config  # the benchmark's configs, by the same names
+
 import fxfuse
 from fxfuse.models import LlamaConfig, Transformer, load_hand_fused
 
 
 def quantized(layers: int, config: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The model, and the same fused by hand (wqkv, w13) before quantize_."""
-    from torchao import quantization as q
+    from torchao.quantization import quantize_
 
-    configs = {"int8_weight_only": q.Int8WeightOnlyConfig, "float8_weight_only": q.Float8WeightOnlyConfig}
     torch.manual_seed(0)
     cfg = LlamaConfig(n_layer=layers)
     model = Transformer(cfg).to(torch.bfloat16).eval()
     hand = load_hand_fused(Transformer(cfg, hand_fused=True).to(torch.bfloat16), model).eval()
     for m in (model, hand):
-        q.quantize_(m, configs[config](set_inductor_config=False))
+        quantize_(m, torchao_config(config))
     return model, hand
 
 
@@ -64,7 +65,7 @@ def guard_us(model: torch.nn.Module, tokens: torch.Tensor, backend, guard_filter
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--config", default="int8_weight_only", choices=["int8_weight_only", "float8_weight_only"])
+    p.add_argument("--config", default="int8wo", choices=["int8wo", "float8wo"], help="as llama_decode.py names them")
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()

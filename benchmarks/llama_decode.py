@@ -299,14 +299,10 @@ def make_compiled(v, mode, extra=None, guard_filter=None):
     opts = {**mode_opts, **extra} if extra else None
     inner = {"inner_options": opts} if opts else {"mode": mode}  # for fxfuse.backend()
     if guard_filter:  # torch.compile takes the filter among its options, then no mode
-        if guard_filter == "fxfuse":  # leaves out only the guards fxfuse checks itself
-            import fxfuse
-            gf = {"guard_filter_fn": fxfuse.guard_filter}
-        else:
-            gf = {"guard_filter_fn": getattr(torch.compiler, guard_filter)}
+        import fxfuse  # "fxfuse": fxfuse.guard_filter, which leaves out only the guards fxfuse checks itself
+        gf = {"guard_filter_fn": fxfuse.guard_filter if guard_filter == "fxfuse" else getattr(torch.compiler, guard_filter)}
         run = own_code(model, name)
         if name in ("fxfuse", "fxfuse_cat"):
-            import fxfuse
             v.res["fxfuse_via"] = "fxfuse.backend()"
             weights = {"weights": "cat"} if name == "fxfuse_cat" else {}
             return torch.compile(run, backend=fxfuse.backend(**inner, **weights), options=gf, dynamic=False)

@@ -20,19 +20,10 @@ import time
 
 import torch
 
+from llama_decode import torchao_config  # the benchmark's configs, by the same names
+
 import fxfuse
 from fxfuse.models import LlamaConfig, Transformer, load_hand_fused
-
-
-def configs() -> dict:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig, PerRow
-
-    return {
-        "float8dq_row": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
-                                                                          set_inductor_config=False),
-        "int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
-                                             set_inductor_config=False),
-    }
 
 
 def main() -> None:
@@ -51,7 +42,7 @@ def main() -> None:
         hand = load_hand_fused(Transformer(cfg, hand_fused=True), plain).eval()
     torch.set_default_dtype(torch.float32)
     for model in (plain, hand):
-        quantize_(model, configs()[args.config]())
+        quantize_(model, torchao_config(args.config))
     tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([5], device="cuda")
     torch.set_grad_enabled(False)

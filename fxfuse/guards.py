@@ -8,7 +8,7 @@ subclass) two more run in Python, and each calls the subclass's
 activation quantization), one the names of its inner tensors. They are most
 of a quantized model's guard time, and fusing happens after Dynamo, so a
 fused model pays them for every member (benchmarks/guard_check.py: 16 int8
-layers, 500 µs per call, 240 µs with this filter; docs/benchmarks.md).
+layers, about 550 µs per call, 260 µs with this filter; docs/benchmarks.md).
 
 For the members whose inner tensors fxfuse moved into a storage, the
 compiled graph never reads the member: it reads the fused tensor, and the
@@ -20,7 +20,7 @@ rather than run a graph built for other metadata. So for those members
 alone the two Python guards can go; their C++ guards (class, shape, dtype,
 strides, device, requires_grad, of the weight and of each inner tensor)
 stay. What is then not seen is metadata assigned in place on a weight
-object (``w.block_size = ...``), which nothing in torchao does.
+object that stays where it is (``w.block_size = ...``).
 
     torch.compile(model, backend="fxfuse", options={"guard_filter_fn": fxfuse.guard_filter})
 
