@@ -199,3 +199,35 @@ def test_guard_filter_with_the_backend_by_name():
         torch.testing.assert_close(fn(TOKENS), model(TOKENS))
     assert counters["fxfuse"]["linear_calls_removed"] == 6 and counters["fxfuse"]["python_guards_skipped"] == 20
     assert {name for kind, name in spy.dropped() if kind == METADATA} == {weight_name(m) for m in MEMBERS}
+
+
+def test_guard_filter_in_hugging_face_generate_with_torchao_config(tmp_path):
+    # A transformers model quantized on load (TorchAoConfig), decoding through
+    # generate()'s CompileConfig: the filter travels in `options` (then no
+    # `mode`: torch.compile takes one or the other).
+    transformers = pytest.importorskip("transformers")
+    from torch._dynamo.utils import counters
+    from transformers.generation import CompileConfig
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)  # a local checkpoint
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16,
+        quantization_config=transformers.TorchAoConfig(quantization.Int8WeightOnlyConfig(set_inductor_config=False)),
+    ).eval()
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    torch._dynamo.reset()
+    counters.clear()
+    be = fxfuse.backend(inner="eager")
+    compile_config = CompileConfig(backend=be, mode=None, options={"guard_filter_fn": fxfuse.guard_filter})
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only otherwise
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                         compile_config=compile_config)
+    torch.testing.assert_close(out, expected)
+    assert be.report.removed == 6  # q/k/v and gate/up of 2 layers, in the decode step
+    assert counters["fxfuse"]["python_guards_skipped"] == 20
