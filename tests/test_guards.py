@@ -10,7 +10,7 @@ from torch import nn
 
 import fxfuse
 
-from test_torchao import TOKENS, quantized_llama
+from test_torchao import TOKENS, hugging_face_llama, quantized_llama
 
 quantization = pytest.importorskip("torchao.quantization")
 
@@ -205,20 +205,11 @@ def test_guard_filter_in_hugging_face_generate_with_torchao_config(tmp_path):
     # A transformers model quantized on load (TorchAoConfig), decoding through
     # generate()'s CompileConfig: the filter travels in `options` (then no
     # `mode`: torch.compile takes one or the other).
-    transformers = pytest.importorskip("transformers")
     from torch._dynamo.utils import counters
+
+    model = hugging_face_llama(tmp_path)
     from transformers.generation import CompileConfig
 
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)  # a local checkpoint
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        tmp_path, dtype=torch.bfloat16,
-        quantization_config=transformers.TorchAoConfig(quantization.Int8WeightOnlyConfig(set_inductor_config=False)),
-    ).eval()
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
     expected = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
     torch._dynamo.reset()

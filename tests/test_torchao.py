@@ -138,17 +138,23 @@ def test_fuse_torchao_llama_inductor():
     assert be.report.removed == 6
 
 
-def test_fuse_torchao_hugging_face_llama_with_torchao_config(tmp_path):
+def hugging_face_llama(tmp_path, config: str = "int8_weight_only"):
+    """A tiny transformers LLaMA quantized on load with TorchAoConfig, from a
+    local checkpoint (no download)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
+    llama = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(DTYPE).save_pretrained(tmp_path)  # no download: a local checkpoint
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        tmp_path, dtype=DTYPE, quantization_config=transformers.TorchAoConfig(CONFIGS["int8_weight_only"]()),
+    transformers.LlamaForCausalLM(llama).to(DTYPE).save_pretrained(tmp_path)
+    return transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, dtype=DTYPE, quantization_config=transformers.TorchAoConfig(CONFIGS[config]()),
     ).eval()
+
+
+def test_fuse_torchao_hugging_face_llama_with_torchao_config(tmp_path):
+    model = hugging_face_llama(tmp_path)
     assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
     be = fxfuse.backend(inner="eager")
     with torch.no_grad():
